@@ -1,0 +1,2 @@
+//! meswitch-server: checkpoints, the compression pipeline, and (later) the
+//! model runtime, router and HTTP server.

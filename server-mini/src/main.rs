@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("meswitch: no commands yet");
+    std::process::exit(2);
+}
