@@ -172,10 +172,12 @@ impl<'a> DeltaView<'a> {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let l = &self.layout;
         let words = self.row_codes(r);
-        for (c, o) in out.iter_mut().enumerate().take(l.in_features) {
-            *o = self
-                .group(r, c / l.group_size)
-                .dequantize(unpack_code(words, c, l.bits));
+        for g in 0..l.n_groups() {
+            let p = self.group(r, g).decoded(l.bits);
+            let span = g * l.group_size..((g + 1) * l.group_size).min(l.in_features);
+            for c in span {
+                out[c] = p.dequantize(unpack_code(words, c, l.bits) as u8);
+            }
         }
         for (i, &j) in self.salient_index.iter().enumerate() {
             out[j as usize] += self.salient_values[r * l.salient + i].to_f32();
@@ -331,9 +333,10 @@ fn quantize_rows(
                 } else {
                     fit_group(&data, bits)
                 };
+                let d = p.decoded(bits);
                 for c in span {
-                    codes[c] = p.code_of(row[c], bits);
-                    values[c] = p.dequantize(u32::from(codes[c]));
+                    codes[c] = d.code_of(row[c]);
+                    values[c] = d.dequantize(codes[c]);
                 }
                 params.push(p);
             }

@@ -48,17 +48,25 @@ impl GroupParams {
     /// Code nearest to `value` under these parameters.
     #[inline]
     pub fn code_of(&self, value: f32, bits: Bits) -> u8 {
-        let scale = self.scale.to_f32();
-        if scale <= 0.0 {
-            return 0;
-        }
-        let q = ((value - self.offset.to_f32()) / scale).round();
-        q.clamp(0.0, bits.max_code() as f32) as u8
+        self.decoded(bits).code_of(value)
     }
 
     #[inline]
     pub fn dequantize(&self, code: u32) -> f32 {
         self.offset.to_f32() + self.scale.to_f32() * code as f32
+    }
+
+    /// The parameters widened to f32 once, for loops over a group's entries
+    /// (FP16 → f32 is a software conversion on baseline x86-64).
+    #[inline]
+    pub fn decoded(&self, bits: Bits) -> DecodedParams {
+        let scale = self.scale.to_f32();
+        DecodedParams {
+            offset: self.offset.to_f32(),
+            scale,
+            inv_scale: if scale > 0.0 { 1.0 / scale } else { 0.0 },
+            max_code: bits.max_code() as f32,
+        }
     }
 
     /// Largest step that keeps the scale finite when stored as FP16.
@@ -72,6 +80,31 @@ impl GroupParams {
             scale: f16::from_f32(scale.clamp(0.0, f16::MAX.to_f32())),
             offset: f16::from_f32(offset.clamp(f16::MIN.to_f32(), f16::MAX.to_f32())),
         }
+    }
+}
+
+/// [`GroupParams`] widened to f32. Every code assignment in the crate goes
+/// through [`DecodedParams::code_of`], so compression and error measurement
+/// agree bit for bit.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodedParams {
+    pub offset: f32,
+    pub scale: f32,
+    inv_scale: f32,
+    max_code: f32,
+}
+
+impl DecodedParams {
+    #[inline]
+    pub fn code_of(&self, value: f32) -> u8 {
+        ((value - self.offset) * self.inv_scale)
+            .round()
+            .clamp(0.0, self.max_code) as u8
+    }
+
+    #[inline]
+    pub fn dequantize(&self, code: u8) -> f32 {
+        self.offset + self.scale * f32::from(code)
     }
 }
 
@@ -96,9 +129,10 @@ impl GroupData<'_> {
 
     /// Weighted squared error of quantizing these entries with `params`.
     pub fn error(&self, params: &GroupParams, bits: Bits) -> f64 {
+        let p = params.decoded(bits);
         self.entries()
             .map(|(v, w)| {
-                let e = v - params.dequantize(u32::from(params.code_of(v, bits)));
+                let e = v - p.dequantize(p.code_of(v));
                 f64::from(w) * f64::from(e) * f64::from(e)
             })
             .sum()
@@ -163,8 +197,9 @@ fn min_max(data: &GroupData) -> Option<(f32, f32)> {
 /// assigns. `None` when the codes are all equal (the slope is undetermined).
 fn least_squares(data: &GroupData, params: &GroupParams, bits: Bits) -> Option<GroupParams> {
     let (mut sw, mut sq, mut sv, mut sqq, mut sqv) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    let p = params.decoded(bits);
     for (v, w) in data.entries() {
-        let q = f64::from(params.code_of(v, bits));
+        let q = f64::from(p.code_of(v));
         let (v, w) = (f64::from(v), f64::from(w));
         sw += w;
         sq += w * q;

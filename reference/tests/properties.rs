@@ -362,9 +362,7 @@ fn gemv_rejects_bad_shapes_and_unknown_experts() {
         in_features: 4,
         weights: &t.base,
     };
-    assert!(
-        multi_expert_gemv_f32(&wrong, &views, &t.x[..4], &[Some(0)], &mut vec![0f32; 8]).is_err()
-    );
+    assert!(multi_expert_gemv_f32(&wrong, &views, &t.x[..4], &[Some(0)], &mut [0f32; 8]).is_err());
 }
 
 #[test]
