@@ -1,0 +1,15 @@
+//! Model-level routing (ME-Switch): classify a query's domain, then map the
+//! domain to an expert.
+//!
+//! - [`dataset`]: labelled queries (JSON Lines `{"text", "domain"}`).
+//! - [`features`]: sparse feature vectors shared by every featurizer.
+//! - [`softmax`]: multinomial logistic regression over those features.
+//! - [`tfidf`]: character n-gram TF-IDF, the cheap baseline a router on the
+//!   base model's hidden states has to beat to be worth its cost.
+//! - [`metrics`]: accuracy and confusion matrix.
+
+pub mod dataset;
+pub mod features;
+pub mod metrics;
+pub mod softmax;
+pub mod tfidf;
