@@ -1,0 +1,573 @@
+//! GPU bench: the fused multi-expert GEMV against two cuBLAS baselines, on
+//! Mistral-7B layer shapes.
+//!
+//! For every (shape, batch B, distinct experts E, bits) it measures, with
+//! criterion timing CUDA events:
+//! - `fused`: one `multi_expert_gemv` launch (base + every row's delta);
+//! - `unfused` (baseline a): cuBLAS FP16 GEMM of the base for all rows, then
+//!   per active expert one dequantize launch into a dense FP16 scratch and
+//!   one cuBLAS GEMM accumulating into that expert's rows;
+//! - `dense` (baseline b): cuBLAS FP16 GEMM per active expert on that expert's
+//!   full dense weight (what serving E full models costs).
+//!
+//! Achieved bandwidth counts the minimal bytes of the problem, the same for
+//! all three: the base once + each active delta once (as stored on the
+//! device) + x + y. It is reported against a device-to-device copy measured
+//! in the same run (bytes read + written).
+//!
+//! Rows are assigned to experts in contiguous blocks (rows of one expert are
+//! adjacent) so the baselines can use plain GEMMs; the fused kernel does not
+//! care. Configurations with E > B are skipped (not every expert can be
+//! active). Weights are random: timing does not depend on values.
+//!
+//! Without a GPU the bench prints a message and exits 0 (1 when
+//! `MESWITCH_REQUIRE_GPU=1`). The sweep is configurable, so a GPU session can
+//! run the subset its time allows:
+//!
+//! | variable | default |
+//! |---|---|
+//! | `MESWITCH_BENCH_SHAPES` (out x in) | `4096x4096,1024x4096,14336x4096,4096x14336` |
+//! | `MESWITCH_BENCH_BATCH` | `1,4,16,32` |
+//! | `MESWITCH_BENCH_EXPERTS` | `1,4,16` |
+//! | `MESWITCH_BENCH_BITS` | `1,2,4` |
+//! | `MESWITCH_BENCH_BASELINES` (`0` skips a and b) | `1` |
+//! | `MESWITCH_BENCH_WARMUP_MS`, `MESWITCH_BENCH_MEASURE_MS` | `300`, `1000` |
+//! | `MESWITCH_BENCH_OUT` (CSV, JSON, PNG) | `target/meswitch-bench` |
+//! | `MESWITCH_FONT` (a .ttf for the PNG's labels) | DejaVuSans / Liberation paths |
+//!
+//! `cargo bench --bench gemv`
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use criterion::Criterion;
+use half::f16;
+use meswitch::ops::{
+    self, blas, timing, DeviceBase, DeviceDelta, DeviceExperts, DeviceRows, DeviceSlice, Gpu,
+    OpsError,
+};
+use meswitch::reference::{Bits, DeltaLayout, PackedDelta};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// Group size of the benched deltas (the method's usual setting).
+const GROUP: usize = 128;
+/// Fraction of input channels kept salient (the 1%).
+const SALIENT_FRACTION: f64 = 0.01;
+/// Largest number of distinct experts in the sweep; deltas are built once
+/// per (shape, bits) and reused by every batch.
+const MAX_EXPERTS: usize = 16;
+/// Bytes copied to measure device bandwidth: large enough (4× the 50 MB L2 of
+/// an H100) that the copy streams from HBM.
+const COPY_BYTES: usize = 1 << 30;
+const COPY_TRIALS: usize = 7;
+
+struct Sweep {
+    shapes: Vec<(usize, usize)>,
+    batches: Vec<usize>,
+    experts: Vec<usize>,
+    bits: Vec<Bits>,
+    baselines: bool,
+    warm_up: Duration,
+    measure: Duration,
+    out_dir: PathBuf,
+}
+
+fn env_list<T>(name: &str, default: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
+    let text = std::env::var(name).unwrap_or_else(|_| default.to_string());
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| parse(s).unwrap_or_else(|| panic!("{name}: cannot parse `{s}`")))
+        .collect()
+}
+
+fn env_ms(name: &str, default: u64) -> Duration {
+    Duration::from_millis(
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+impl Sweep {
+    fn from_env() -> Sweep {
+        Sweep {
+            shapes: env_list(
+                "MESWITCH_BENCH_SHAPES",
+                "4096x4096,1024x4096,14336x4096,4096x14336",
+                |s| {
+                    let (o, i) = s.split_once('x')?;
+                    Some((o.parse().ok()?, i.parse().ok()?))
+                },
+            ),
+            batches: env_list("MESWITCH_BENCH_BATCH", "1,4,16,32", |s| s.parse().ok()),
+            experts: env_list("MESWITCH_BENCH_EXPERTS", "1,4,16", |s| {
+                s.parse().ok().filter(|e| (1..=MAX_EXPERTS).contains(e))
+            }),
+            bits: env_list("MESWITCH_BENCH_BITS", "1,2,4", |s| {
+                Bits::from_count(s.parse().ok()?).ok()
+            }),
+            baselines: std::env::var("MESWITCH_BENCH_BASELINES").map_or(true, |v| v != "0"),
+            warm_up: env_ms("MESWITCH_BENCH_WARMUP_MS", 300),
+            measure: env_ms("MESWITCH_BENCH_MEASURE_MS", 1000),
+            out_dir: std::env::var("MESWITCH_BENCH_OUT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| PathBuf::from("target/meswitch-bench")),
+        }
+    }
+}
+
+/// A random packed delta with valid layout (timing is value-independent, so
+/// codes are random words; `in` multiples of 32 leave no padding bits).
+fn random_delta(
+    rng: &mut StdRng,
+    out_features: usize,
+    in_features: usize,
+    bits: Bits,
+) -> PackedDelta {
+    let k = (SALIENT_FRACTION * in_features as f64).round() as usize;
+    let group = if GROUP < in_features {
+        GROUP
+    } else {
+        in_features
+    };
+    let l = DeltaLayout::new(out_features, in_features, bits, group, k).expect("bench layout");
+    let wpr = l.words_per_row();
+    let used_bits = in_features * bits.count() as usize - (wpr - 1) * 32;
+    let last_mask = if used_bits == 32 {
+        u32::MAX
+    } else {
+        (1u32 << used_bits) - 1
+    };
+    let codes = (0..l.code_words())
+        .map(|w| {
+            rng.random::<u32>()
+                & if w % wpr == wpr - 1 {
+                    last_mask
+                } else {
+                    u32::MAX
+                }
+        })
+        .collect();
+    let scales = (0..l.group_params())
+        .map(|_| f16::from_f32(rng.random_range(1e-4..1e-3)))
+        .collect();
+    let offsets = (0..l.group_params())
+        .map(|_| f16::from_f32(rng.random_range(-1e-3..0.0)))
+        .collect();
+    let mut index: Vec<u32> = (0..in_features as u32).collect();
+    for i in 0..k {
+        let j = rng.random_range(i..in_features);
+        index.swap(i, j);
+    }
+    let mut salient_index = index[..k].to_vec();
+    salient_index.sort_unstable();
+    let salient_values = (0..l.salient_values())
+        .map(|_| f16::from_f32(rng.random_range(-1e-2..1e-2)))
+        .collect();
+    PackedDelta::new(l, codes, scales, offsets, salient_index, salient_values).expect("bench delta")
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    out_features: usize,
+    in_features: usize,
+    batch: usize,
+    experts: usize,
+    bits: u32,
+    variant: &'static str,
+    seconds: f64,
+    min_bytes: usize,
+}
+
+impl Record {
+    fn gbps(&self) -> f64 {
+        self.min_bytes as f64 / self.seconds / 1e9
+    }
+}
+
+/// Runs `work` under criterion (timed with CUDA events) and returns the
+/// median seconds per call over criterion's samples.
+fn measure(
+    c: &mut Criterion,
+    sweep: &Sweep,
+    gpu: &Gpu,
+    id: &str,
+    mut work: impl FnMut() -> Result<(), OpsError>,
+) -> f64 {
+    // Every (iterations, seconds) criterion asks for; its last `SAMPLES`
+    // calls are the measurement samples (earlier ones are warm-up).
+    const SAMPLES: usize = 10;
+    let calls: RefCell<Vec<f64>> = RefCell::new(Vec::new());
+    let mut group = c.benchmark_group("multi_expert_gemv");
+    group
+        .sample_size(SAMPLES)
+        .warm_up_time(sweep.warm_up)
+        .measurement_time(sweep.measure);
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let s = timing::time_on_device(gpu, iters as usize, &mut work)
+                .unwrap_or_else(|e| panic!("{id}: {e}"));
+            calls.borrow_mut().push(s / iters as f64);
+            Duration::from_secs_f64(s)
+        })
+    });
+    group.finish();
+    let calls = calls.into_inner();
+    let mut samples = calls[calls.len().saturating_sub(SAMPLES)..].to_vec();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+fn main() {
+    let gpu = match Gpu::detect() {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            eprintln!("gemv bench skipped: {e}");
+            if std::env::var("MESWITCH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                std::process::exit(1);
+            }
+            return;
+        }
+    };
+    let sweep = Sweep::from_env();
+    let mut c = Criterion::default().configure_from_args();
+    let copy = timing::copy_bandwidth(&gpu, COPY_BYTES, COPY_TRIALS).expect("copy bandwidth");
+    eprintln!(
+        "device: {}; copy bandwidth {:.0} GB/s (read + write)",
+        gpu.name(),
+        copy / 1e9
+    );
+    let mut records = Vec::new();
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    for &(o, i) in &sweep.shapes {
+        let base_w: Vec<f16> = (0..o * i)
+            .map(|_| f16::from_f32(rng.random_range(-0.05..0.05)))
+            .collect();
+        let base = DeviceBase::upload(
+            &gpu,
+            &meswitch::reference::BaseView {
+                out_features: o,
+                in_features: i,
+                weights: &base_w,
+            },
+        )
+        .expect("upload base");
+        drop(base_w);
+        for &bits in &sweep.bits {
+            let deltas: Vec<DeviceDelta> = (0..MAX_EXPERTS)
+                .map(|_| {
+                    DeviceDelta::upload(&gpu, &random_delta(&mut rng, o, i, bits).view())
+                        .expect("upload delta")
+                })
+                .collect();
+            // Baseline (b)'s dense expert weights, W_base + Δ̂, built on the device.
+            let dense: Vec<DeviceSlice<f16>> = if sweep.baselines {
+                deltas
+                    .iter()
+                    .map(|d| {
+                        let mut w = gpu.stream().alloc_zeros(o * i).expect("alloc dense expert");
+                        ops::dequantize_device(&gpu, d, Some(&base), &mut w).expect("dequantize");
+                        w
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut scratch: DeviceSlice<f16> =
+                gpu.stream().alloc_zeros(o * i).expect("alloc scratch");
+            for &b in &sweep.batches {
+                let x_host: Vec<f16> = (0..b * i)
+                    .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+                    .collect();
+                let x = ops::upload(&gpu, &x_host).expect("upload x");
+                let mut y: DeviceSlice<f16> = gpu.stream().alloc_zeros(b * o).expect("alloc y");
+                for &e in sweep.experts.iter().filter(|&&e| e <= b) {
+                    // Contiguous blocks: rows [s·b/e, (s+1)·b/e) use expert s.
+                    let rows_host: Vec<Option<u32>> =
+                        (0..b).map(|r| Some((r * e / b) as u32)).collect();
+                    let spans: Vec<(usize, usize)> = (0..e)
+                        .map(|s| ((s * b).div_ceil(e), ((s + 1) * b).div_ceil(e)))
+                        .collect();
+                    let refs: Vec<&DeviceDelta> = deltas[..e].iter().collect();
+                    let table = DeviceExperts::new(&gpu, &refs).expect("expert table");
+                    let rows = DeviceRows::upload(&gpu, &rows_host, e).expect("rows");
+                    let active = rows.active_experts();
+                    let min_bytes =
+                        base.bytes() + table.device_bytes(&active) + 2 * (b * i + b * o);
+                    let label = format!("{o}x{i}/B{b}/E{e}/int{}", bits.count());
+                    let mut record = |variant: &'static str, seconds: f64| {
+                        let r = Record {
+                            out_features: o,
+                            in_features: i,
+                            batch: b,
+                            experts: e,
+                            bits: bits.count(),
+                            variant,
+                            seconds,
+                            min_bytes,
+                        };
+                        eprintln!(
+                            "{label} {variant}: {:.2} us, {:.0} GB/s ({:.1}% of copy)",
+                            seconds * 1e6,
+                            r.gbps(),
+                            100.0 * r.gbps() * 1e9 / copy
+                        );
+                        records.push(r);
+                    };
+                    let t = measure(&mut c, &sweep, &gpu, &format!("{label}/fused"), || {
+                        ops::multi_expert_gemv_device(&gpu, &base, &table, &x, &rows, &mut y)
+                    });
+                    record("fused", t);
+                    if !sweep.baselines {
+                        continue;
+                    }
+                    let t = measure(&mut c, &sweep, &gpu, &format!("{label}/unfused"), || {
+                        blas::linear_f16(&gpu, &base.weights, o, i, &x, b, &mut y, false)?;
+                        for (s, &(r0, r1)) in spans.iter().enumerate() {
+                            ops::dequantize_device(&gpu, &deltas[s], None, &mut scratch)?;
+                            blas::linear_f16(
+                                &gpu,
+                                &scratch,
+                                o,
+                                i,
+                                &x.slice(r0 * i..r1 * i),
+                                r1 - r0,
+                                &mut y.slice_mut(r0 * o..r1 * o),
+                                true,
+                            )?;
+                        }
+                        Ok(())
+                    });
+                    record("unfused", t);
+                    let t = measure(&mut c, &sweep, &gpu, &format!("{label}/dense"), || {
+                        for (s, &(r0, r1)) in spans.iter().enumerate() {
+                            blas::linear_f16(
+                                &gpu,
+                                &dense[s],
+                                o,
+                                i,
+                                &x.slice(r0 * i..r1 * i),
+                                r1 - r0,
+                                &mut y.slice_mut(r0 * o..r1 * o),
+                                false,
+                            )?;
+                        }
+                        Ok(())
+                    });
+                    record("dense", t);
+                }
+            }
+        }
+    }
+    c.final_summary();
+    if let Err(e) = write_outputs(&sweep.out_dir, &gpu, copy, &records) {
+        eprintln!(
+            "cannot write bench outputs to {}: {e}",
+            sweep.out_dir.display()
+        );
+        std::process::exit(1);
+    }
+}
+
+fn write_outputs(
+    dir: &Path,
+    gpu: &Gpu,
+    copy: f64,
+    records: &[Record],
+) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir)?;
+    let mut csv = String::from("out,in,batch,experts,bits,variant,us,min_bytes,gbps,frac_of_copy,speedup_vs_unfused,speedup_vs_dense\n");
+    let time_of = |r: &Record, variant: &str| {
+        records
+            .iter()
+            .find(|q| {
+                (q.out_features, q.in_features, q.batch, q.experts, q.bits)
+                    == (r.out_features, r.in_features, r.batch, r.experts, r.bits)
+                    && q.variant == variant
+            })
+            .map(|q| q.seconds)
+    };
+    let mut json = Vec::new();
+    for r in records {
+        let vs = |v: &str| time_of(r, v).map(|t| t / r.seconds);
+        let fmt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
+        writeln!(
+            csv,
+            "{},{},{},{},{},{},{:.3},{},{:.1},{:.4},{},{}",
+            r.out_features,
+            r.in_features,
+            r.batch,
+            r.experts,
+            r.bits,
+            r.variant,
+            r.seconds * 1e6,
+            r.min_bytes,
+            r.gbps(),
+            r.gbps() * 1e9 / copy,
+            fmt(vs("unfused")),
+            fmt(vs("dense"))
+        )?;
+        json.push(serde_json::json!({
+            "out": r.out_features, "in": r.in_features, "batch": r.batch, "experts": r.experts, "bits": r.bits,
+            "variant": r.variant, "seconds": r.seconds, "min_bytes": r.min_bytes, "gbps": r.gbps(),
+            "frac_of_copy": r.gbps() * 1e9 / copy,
+        }));
+    }
+    std::fs::write(dir.join("gemv.csv"), csv)?;
+    let doc = serde_json::json!({
+        "device": gpu.name(), "copy_bandwidth_gbps": copy / 1e9,
+        "copy_bandwidth_convention": "device-to-device copy, bytes read + written",
+        "group_size": GROUP, "salient_fraction": SALIENT_FRACTION, "results": json,
+    });
+    std::fs::write(dir.join("gemv.json"), serde_json::to_string_pretty(&doc)?)?;
+    plot(&dir.join("gemv.png"), gpu.name(), copy / 1e9, records)?;
+    eprintln!("wrote {}/gemv.{{csv,json,png}}", dir.display());
+    Ok(())
+}
+
+/// Registers a TrueType font for the chart's labels, if one can be found.
+fn load_font() -> bool {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("MESWITCH_FONT")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    candidates.extend(
+        [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+        ]
+        .map(PathBuf::from),
+    );
+    for path in candidates {
+        if let Ok(bytes) = std::fs::read(&path) {
+            // plotters keeps fonts for the program's lifetime.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font(
+                "sans-serif",
+                plotters::style::FontStyle::Normal,
+                bytes,
+            )
+            .is_ok()
+            {
+                return true;
+            }
+        }
+    }
+    eprintln!("no TrueType font found (set MESWITCH_FONT): the chart is drawn without labels");
+    false
+}
+
+/// One panel per shape: achieved GB/s of the fused kernel per (B, E) for each
+/// bit width, with the measured copy bandwidth and 85% of it as lines.
+fn plot(
+    path: &Path,
+    device: &str,
+    copy_gbps: f64,
+    records: &[Record],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let labels = load_font();
+    let mut shapes: Vec<(usize, usize)> = records
+        .iter()
+        .map(|r| (r.out_features, r.in_features))
+        .collect();
+    shapes.sort_unstable();
+    shapes.dedup();
+    let root = BitMapBackend::new(path, (1400, 450 * shapes.len().div_ceil(2).max(1) as u32))
+        .into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((shapes.len().div_ceil(2).max(1), 2));
+    let colors = [RED, BLUE, GREEN];
+    for (panel, &(o, i)) in panels.iter().zip(&shapes) {
+        let mut configs: Vec<(usize, usize)> = records
+            .iter()
+            .filter(|r| (r.out_features, r.in_features) == (o, i))
+            .map(|r| (r.batch, r.experts))
+            .collect();
+        configs.sort_unstable();
+        configs.dedup();
+        let y_max = copy_gbps * 1.15;
+        let mut builder = ChartBuilder::on(panel);
+        builder.margin(12);
+        if labels {
+            builder
+                .caption(format!("{o}x{i} fused GEMV, {device}"), ("sans-serif", 18))
+                .x_label_area_size(40)
+                .y_label_area_size(55);
+        }
+        let mut chart =
+            builder.build_cartesian_2d(-0.5f64..configs.len() as f64 - 0.5, 0f64..y_max)?;
+        if labels {
+            let names = configs.clone();
+            chart
+                .configure_mesh()
+                .x_labels(configs.len())
+                .x_label_formatter(&|v| {
+                    let k = v.round() as usize;
+                    names
+                        .get(k)
+                        .map_or(String::new(), |(b, e)| format!("B{b} E{e}"))
+                })
+                .y_desc("GB/s (minimal bytes)")
+                .draw()?;
+        }
+        for (level, style) in [
+            (copy_gbps, BLACK.stroke_width(2)),
+            (0.85 * copy_gbps, BLACK.mix(0.4).stroke_width(1)),
+        ] {
+            let series = chart.draw_series(LineSeries::new(
+                [(-0.5, level), (configs.len() as f64 - 0.5, level)],
+                style,
+            ))?;
+            if labels {
+                let name = if level == copy_gbps {
+                    "copy bandwidth"
+                } else {
+                    "85% of copy"
+                };
+                series
+                    .label(name)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+            }
+        }
+        for (bits, color) in [1u32, 2, 4].into_iter().zip(colors) {
+            let points: Vec<(f64, f64)> = records
+                .iter()
+                .filter(|r| {
+                    (r.out_features, r.in_features, r.bits) == (o, i, bits) && r.variant == "fused"
+                })
+                .filter_map(|r| {
+                    configs
+                        .iter()
+                        .position(|&c| c == (r.batch, r.experts))
+                        .map(|k| (k as f64, r.gbps()))
+                })
+                .collect();
+            if points.is_empty() {
+                continue;
+            }
+            chart.draw_series(LineSeries::new(points.clone(), color))?;
+            let series =
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 5, color.filled())))?;
+            if labels {
+                series
+                    .label(format!("INT{bits}"))
+                    .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+            }
+        }
+        if labels {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Finding a CUDA device and holding what every launch needs: context,
+//! stream, the embedded PTX modules and (when present) a cuBLAS handle.
+//!
+//! cudarc opens libcuda at run time and *panics* if it is missing, so
+//! [`Gpu::new`] checks for the library and the device count first and turns
+//! every failure into [`OpsError::NoDevice`]; on a machine without a GPU no
+//! call in this crate panics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{DriverContext, OpsError};
+
+/// One CUDA device ready for launches. All work goes to one stream, so the
+/// ops need no cross-stream synchronisation.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: BTreeMap<&'static str, Arc<CudaModule>>,
+    blas: Result<CudaBlas, String>,
+    name: String,
+    compute_capability: (i32, i32),
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("name", &self.name)
+            .field("compute_capability", &self.compute_capability)
+            .field("modules", &self.modules.keys().collect::<Vec<_>>())
+            .field("cublas", &self.blas.is_ok())
+            .finish()
+    }
+}
+
+/// Why there is no device, or `Ok(count)`. Never panics.
+pub fn device_count() -> Result<usize, OpsError> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(OpsError::NoDevice(
+            "libcuda (the NVIDIA driver) not found".into(),
+        ));
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(n as usize),
+        Ok(_) => Err(OpsError::NoDevice("the driver reports 0 devices".into())),
+        Err(e) => Err(OpsError::NoDevice(format!("cuDeviceGetCount failed: {e}"))),
+    }
+}
+
+impl Gpu {
+    /// Device 0.
+    pub fn detect() -> Result<Gpu, OpsError> {
+        Gpu::new(0)
+    }
+
+    /// Opens device `ordinal`, loads every module of `meswitch_ptx::MODULES`
+    /// and creates a cuBLAS handle if libcublas can be found (kernels work
+    /// without it; only cuBLAS-backed paths then return [`OpsError::NoBlas`]).
+    pub fn new(ordinal: usize) -> Result<Gpu, OpsError> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(OpsError::NoDevice(format!(
+                "device {ordinal} requested, the driver reports {count}"
+            )));
+        }
+        // The checks above make a panic here unexpected; catching it keeps the
+        // "never panics without a GPU" promise even if the driver misbehaves.
+        let ctx = match std::panic::catch_unwind(|| CudaContext::new(ordinal)) {
+            Ok(Ok(ctx)) => ctx,
+            Ok(Err(e)) => {
+                return Err(OpsError::NoDevice(format!(
+                    "cannot create a context on device {ordinal}: {e}"
+                )))
+            }
+            Err(_) => {
+                return Err(OpsError::NoDevice(format!(
+                    "the CUDA driver panicked creating a context on device {ordinal}"
+                )))
+            }
+        };
+        let name = ctx.name().during("reading the device name")?;
+        let compute_capability = ctx
+            .compute_capability()
+            .during("reading the compute capability")?;
+        let stream = ctx.default_stream();
+        let mut modules = BTreeMap::new();
+        for m in meswitch_ptx::MODULES {
+            let module =
+                ctx.load_module(Ptx::from_src(m.ptx))
+                    .map_err(|source| OpsError::ModuleLoad {
+                        module: m.name,
+                        source,
+                    })?;
+            modules.insert(m.name, module);
+        }
+        // SAFETY: only probes whether the shared library can be opened.
+        let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
+            CudaBlas::new(stream.clone()).map_err(|e| format!("cublasCreate failed: {e}"))
+        } else {
+            Err("libcublas not found on the library path".to_string())
+        };
+        Ok(Gpu {
+            ctx,
+            stream,
+            modules,
+            blas,
+            name,
+            compute_capability,
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// The cuBLAS handle (bound to [`Gpu::stream`]).
+    pub fn blas(&self) -> Result<&CudaBlas, OpsError> {
+        self.blas.as_ref().map_err(|e| OpsError::NoBlas(e.clone()))
+    }
+
+    /// Kernel entry point `kernel` from whichever embedded module defines it.
+    pub fn function(&self, kernel: &str) -> Result<CudaFunction, OpsError> {
+        for module in self.modules.values() {
+            if let Ok(f) = module.load_function(kernel) {
+                return Ok(f);
+            }
+        }
+        Err(OpsError::MissingKernel {
+            kernel: kernel.to_string(),
+        })
+    }
+
+    /// Waits for all queued work on the stream.
+    pub fn synchronize(&self) -> Result<(), OpsError> {
+        self.stream.synchronize().during("stream synchronize")
+    }
+}

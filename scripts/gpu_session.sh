@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Prepares a GPU verification run. The GPU machine has no Rust toolchain, so the GPU test and
+# bench executables are built HERE (no GPU needed) and staged in the git-ignored .device/ folder
+# with a driver script, .device/run_on_gpu.sh, that runs there:
+#   1. every tests/gpu_*.rs binary with MESWITCH_REQUIRE_GPU=1 (a missing device fails, not skips);
+#   2. compute-sanitizer memcheck on one test (named_edge_cases: every kernel family and bit width);
+#   3. the gemv bench (criterion + CSV/JSON/PNG), sweep from MESWITCH_BENCH_* (see benches/gemv.rs).
+# Everything it writes goes under $OUT (the device tool's output folder).
+#
+# Usage: scripts/gpu_session.sh        (then run the printed command on the GPU machine)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+stage=.device
+rm -rf "$stage"
+mkdir -p "$stage/tests" "$stage/benches"
+
+# Prints the executable paths of the artifacts cargo just built (JSON messages on stdout).
+executables() {
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"], m["executable"])
+'
+}
+
+test_args=()
+for t in tests/gpu_*.rs; do test_args+=(--test "$(basename "$t" .rs)"); done
+cargo test --no-run "${test_args[@]}" --message-format=json | executables | while read -r name exe; do
+  # Debug info only makes the copy larger (the transfer to the device is size-limited).
+  objcopy --strip-debug "$exe" "$stage/tests/$name"
+done
+cargo bench --no-run --bench gemv --message-format=json | executables | while read -r name exe; do
+  objcopy --strip-debug "$exe" "$stage/benches/$name"
+done
+
+cat > "$stage/run_on_gpu.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root: bash .device/run_on_gpu.sh
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-$here/out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/session.log") 2>&1
+
+# cudarc opens libcublas by name (libcublas.so, .so.12, ...): collect the toolkit's and any pip
+# wheel's copy, and link an unversioned name to whatever major version is there.
+libdir="$here/lib"
+mkdir -p "$libdir"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+         $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cublas", "lib") for p in nvidia.__path__))' 2>/dev/null); do
+  [ -d "$d" ] || continue
+  LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+  if [ ! -e "$libdir/libcublas.so" ]; then
+    found=$(ls "$d"/libcublas.so* 2>/dev/null | head -n1 || true)
+    [ -n "$found" ] && ln -sf "$found" "$libdir/libcublas.so"
+  fi
+done
+export LD_LIBRARY_PATH="$libdir:${LD_LIBRARY_PATH:-}"
+export MESWITCH_REQUIRE_GPU=1
+PATH="$PATH:/usr/local/cuda/bin"
+
+date -u
+nvidia-smi || true
+status=0
+for t in "$here"/tests/*; do
+  echo "== $(basename "$t")"
+  "$t" --test-threads=1 || status=1
+done
+
+echo "== compute-sanitizer memcheck"
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 99 \
+    "$here/tests/gpu_kernels" named_edge_cases --exact --test-threads=1 || status=1
+else
+  echo "compute-sanitizer not found"; status=1
+fi
+
+echo "== bench"
+for b in "$here"/benches/*; do
+  MESWITCH_BENCH_OUT="$OUT/bench" CRITERION_HOME="$OUT/criterion" "$b" --bench || status=1
+done
+date -u
+exit $status
+RUN
+chmod +x "$stage/run_on_gpu.sh"
+
+du -sh "$stage"
+echo
+echo "Staged in $stage/. On the GPU machine (device tool: carry [\"$stage\"]), from the repo root:"
+echo "  bash $stage/run_on_gpu.sh"
+echo "A shorter bench sweep, e.g.:"
+echo "  MESWITCH_BENCH_SHAPES=4096x4096,14336x4096 MESWITCH_BENCH_BITS=2 bash $stage/run_on_gpu.sh"

@@ -1,0 +1,596 @@
+//! The CUDA kernels against the CPU reference (the oracle), on random shapes
+//! and values. Without a device every GPU test prints "skipped: no CUDA
+//! device" and passes; with `MESWITCH_REQUIRE_GPU=1` a missing device fails
+//! the run instead, so a GPU session cannot silently test nothing.
+//!
+//! # Tolerance
+//!
+//! Kernel and reference see the same FP16 inputs and both accumulate in f32,
+//! but they may legitimately differ in three ways:
+//!
+//! 1. Weight formation. The reference forms each Δ̂ entry in f32
+//!    (`offset + scale·q`, plus the salient residual). A kernel feeding
+//!    tensor cores forms it in FP16 (half2 fma, then adding the salient
+//!    residual or the base weight), at most `WEIGHT_ROUNDINGS` roundings, each
+//!    off by at most u₁₆ = 2⁻¹¹ of a value bounded by
+//!    `a = |W| + |offset| + |scale|·q + |s|`.
+//! 2. Summation order. Two f32 sums of the same `n` products in different
+//!    orders differ by at most 2·n·u₃₂·Σ|xᵢ·aᵢ| (u₃₂ = 2⁻²⁴, the standard
+//!    γₙ bound applied to each side).
+//! 3. Output rounding. Both round the f32 sum to FP16 once; two values within
+//!    the bounds above can round to neighbours, one FP16 ulp ≤ 2·u₁₆·|y| apart.
+//!
+//! So per output element
+//! `tol = Σᵢ |xᵢ|·aᵢ · (WEIGHT_ROUNDINGS·u₁₆ + 2·n·u₃₂) + 2·u₁₆·|y_ref| + FP16_TINY`,
+//! with `FP16_TINY` the smallest FP16 subnormal (an ulp near zero). The test
+//! data keeps Δ̂ the same size as the base (not the ~1% of real deltas), so a
+//! wrong code, group, salient column or expert moves the output by far more
+//! than this bound and fails.
+
+use std::sync::OnceLock;
+
+use half::f16;
+use meswitch::ops::{
+    self, Backend, DeviceBase, DeviceDelta, DeviceExperts, DeviceRows, DeviceSlice, Gpu,
+};
+use meswitch::reference::{
+    self, layout::GROUP_SIZES, BaseView, Bits, DeltaLayout, DeltaView, PackedDelta,
+};
+use proptest::prelude::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const REQUIRE_GPU: &str = "MESWITCH_REQUIRE_GPU";
+/// u₁₆: unit roundoff of FP16 (11-bit significand).
+const U16: f64 = 1.0 / 2048.0;
+/// u₃₂: unit roundoff of f32 (24-bit significand).
+const U32: f64 = 1.0 / 16_777_216.0;
+/// FP16 roundings a kernel may apply while forming one weight: scale·q+offset
+/// (2 if not fused), + salient residual, + base weight.
+const WEIGHT_ROUNDINGS: f64 = 4.0;
+/// Smallest positive FP16 subnormal, 2⁻²⁴.
+const FP16_TINY: f64 = 5.960_464_5e-8;
+/// An FP16 NaN bit pattern the kernels never produce from finite inputs:
+/// written into every output before a launch, so an element the kernel
+/// forgets to write fails the comparison.
+const POISON: f16 = f16::from_bits(0x7E5A);
+/// The largest batch the tests draw (the kernels' per-launch maximum).
+const MAX_TEST_BATCH: usize = 64;
+const MAX_TEST_EXPERTS: usize = 16;
+
+fn gpu_required() -> bool {
+    std::env::var(REQUIRE_GPU).is_ok_and(|v| v == "1")
+}
+
+/// The skip policy, separated from device discovery so that it can be tested
+/// on a machine without a GPU.
+fn skip_or_fail<T>(found: Result<T, String>, required: bool) -> Option<T> {
+    match found {
+        Ok(gpu) => Some(gpu),
+        Err(reason) if required => {
+            panic!("{REQUIRE_GPU}=1 but there is no usable CUDA device: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("skipped: no CUDA device ({reason})");
+            None
+        }
+    }
+}
+
+/// The device shared by every test of this binary (one context, one stream).
+fn gpu_or_skip() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+    let found = GPU.get_or_init(|| Gpu::detect().map_err(|e| e.to_string()));
+    skip_or_fail(found.as_ref().map_err(Clone::clone), gpu_required())
+}
+
+#[test]
+fn skip_policy_without_a_device() {
+    assert_eq!(skip_or_fail(Ok(3), false), Some(3));
+    assert_eq!(skip_or_fail::<u8>(Err("none".into()), false), None);
+    let required = std::panic::catch_unwind(|| skip_or_fail::<u8>(Err("none".into()), true));
+    assert!(
+        required.is_err(),
+        "a required GPU that is missing must fail the test"
+    );
+}
+
+#[test]
+fn missing_device_is_an_error_not_a_panic() {
+    // No machine has this many devices: NoDevice everywhere, GPU or not.
+    let err = Gpu::new(1 << 20).unwrap_err();
+    assert!(err.is_no_device(), "expected NoDevice, got: {err}");
+    // Detection either finds a device or says why not; it never panics.
+    if let Err(err) = Gpu::detect() {
+        assert!(
+            err.is_no_device() || !gpu_required(),
+            "unexpected detection failure: {err}"
+        );
+    }
+}
+
+#[test]
+fn backend_falls_back_to_the_reference() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let case = Case::random(&mut rng, 37, 96, Bits::Two, 32, 3, 5, RowMix::Random);
+    let (backend, reason) = Backend::detect();
+    if !backend.is_cuda() {
+        assert!(reason.is_some(), "a fallback must say why there is no GPU");
+    }
+    let mut y = vec![POISON; case.batch() * case.out_features];
+    backend
+        .multi_expert_gemv(&case.base(), &case.views(), &case.x, &case.rows, &mut y)
+        .unwrap();
+    let mut expected = vec![f16::ZERO; y.len()];
+    reference::multi_expert_gemv(
+        &case.base(),
+        &case.views(),
+        &case.x,
+        &case.rows,
+        &mut expected,
+    )
+    .unwrap();
+    if backend.is_cuda() {
+        case.assert_close(&y, None, "Backend::detect (CUDA)");
+    } else {
+        assert_eq!(y, expected, "the fallback must be the reference itself");
+    }
+    // Bad shapes are errors on either backend.
+    let mut short = vec![f16::ZERO; 3];
+    assert!(backend
+        .multi_expert_gemv(&case.base(), &case.views(), &case.x, &case.rows, &mut short)
+        .is_err());
+}
+
+/// How rows map to experts.
+#[derive(Clone, Copy, Debug)]
+enum RowMix {
+    Random,
+    AllOneExpert,
+    EveryRowDifferent,
+    NoExpert,
+}
+
+fn row_mix() -> impl Strategy<Value = RowMix> {
+    prop_oneof![
+        4 => Just(RowMix::Random),
+        1 => Just(RowMix::AllOneExpert),
+        1 => Just(RowMix::EveryRowDifferent),
+        1 => Just(RowMix::NoExpert),
+    ]
+}
+
+fn bits() -> impl Strategy<Value = Bits> {
+    prop_oneof![Just(Bits::One), Just(Bits::Two), Just(Bits::Four)]
+}
+
+/// A random problem: base, experts, activations and the row → expert map.
+struct Case {
+    out_features: usize,
+    in_features: usize,
+    base: Vec<f16>,
+    experts: Vec<PackedDelta>,
+    x: Vec<f16>,
+    rows: Vec<Option<u32>>,
+}
+
+/// Nonzero uniform FP16 in ±[lo, hi]; never exactly zero, so no product
+/// vanishes and hides a missing term.
+fn value(rng: &mut StdRng, lo: f32, hi: f32) -> f16 {
+    let v = rng.random_range(lo..hi);
+    f16::from_f32(if rng.random::<bool>() { v } else { -v })
+}
+
+fn random_delta(rng: &mut StdRng, layout: DeltaLayout) -> PackedDelta {
+    let (out, inf, bits) = (layout.out_features, layout.in_features, layout.bits);
+    let mut codes = vec![0u32; layout.code_words()];
+    let wpr = layout.words_per_row();
+    for r in 0..out {
+        let row: Vec<u8> = (0..inf)
+            .map(|_| rng.random_range(0..=bits.max_code()) as u8)
+            .collect();
+        reference::layout::pack_row(&row, bits, &mut codes[r * wpr..(r + 1) * wpr]);
+    }
+    // Steps sized so that offset + scale·q spans about ±1, like the base.
+    let step = 2.0 / bits.max_code() as f32;
+    let scales = (0..layout.group_params())
+        .map(|_| f16::from_f32(rng.random_range(0.05 * step..step)))
+        .collect();
+    let offsets = (0..layout.group_params())
+        .map(|_| f16::from_f32(rng.random_range(-1.2f32..0.2)))
+        .collect();
+    let mut columns: Vec<u32> = (0..inf as u32).collect();
+    for i in 0..layout.salient {
+        let j = rng.random_range(i..inf);
+        columns.swap(i, j);
+    }
+    let mut salient_index = columns[..layout.salient].to_vec();
+    salient_index.sort_unstable();
+    let salient_values = (0..layout.salient_values())
+        .map(|_| value(rng, 0.01, 0.5))
+        .collect();
+    PackedDelta::new(
+        layout,
+        codes,
+        scales,
+        offsets,
+        salient_index,
+        salient_values,
+    )
+    .expect("generated delta is valid")
+}
+
+impl Case {
+    #[allow(clippy::too_many_arguments)]
+    fn random(
+        rng: &mut StdRng,
+        out_features: usize,
+        in_features: usize,
+        bits: Bits,
+        group: usize,
+        n_experts: usize,
+        batch: usize,
+        mix: RowMix,
+    ) -> Case {
+        let base = (0..out_features * in_features)
+            .map(|_| value(rng, 0.01, 1.0))
+            .collect();
+        let experts = (0..n_experts)
+            .map(|_| {
+                let k = match rng.random_range(0..4) {
+                    0 => 0,
+                    1 => in_features,
+                    _ => rng.random_range(0..=in_features.min(40)),
+                };
+                let group = if group >= in_features {
+                    in_features
+                } else {
+                    group
+                };
+                let layout = DeltaLayout::new(out_features, in_features, bits, group, k)
+                    .expect("test layout is valid");
+                random_delta(rng, layout)
+            })
+            .collect();
+        let x = (0..batch * in_features)
+            .map(|_| value(rng, 0.01, 1.0))
+            .collect();
+        let rows = (0..batch)
+            .map(|b| match mix {
+                _ if n_experts == 0 => None,
+                RowMix::NoExpert => None,
+                RowMix::AllOneExpert => Some((n_experts - 1) as u32),
+                RowMix::EveryRowDifferent => Some((b % n_experts) as u32),
+                RowMix::Random => {
+                    let e = rng.random_range(0..=n_experts);
+                    (e < n_experts).then_some(e as u32)
+                }
+            })
+            .collect();
+        Case {
+            out_features,
+            in_features,
+            base,
+            experts,
+            x,
+            rows,
+        }
+    }
+
+    fn batch(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn base(&self) -> BaseView<'_> {
+        BaseView {
+            out_features: self.out_features,
+            in_features: self.in_features,
+            weights: &self.base,
+        }
+    }
+
+    fn views(&self) -> Vec<DeltaView<'_>> {
+        self.experts.iter().map(PackedDelta::view).collect()
+    }
+
+    /// `Σᵢ |x[b,i]|·a[r,i]` (see the module docs) for every output element;
+    /// `with_base = false` for the delta-only kernel.
+    fn magnitudes(&self, with_base: bool) -> Vec<f64> {
+        let (o, n) = (self.out_features, self.in_features);
+        let mut m = vec![0f64; self.batch() * o];
+        for (b, e) in self.rows.iter().enumerate() {
+            let x = &self.x[b * n..(b + 1) * n];
+            for r in 0..o {
+                let mut a = vec![0f64; n];
+                if with_base {
+                    for (ai, w) in a.iter_mut().zip(&self.base[r * n..(r + 1) * n]) {
+                        *ai += f64::from(w.to_f32().abs());
+                    }
+                }
+                if let Some(e) = e {
+                    expert_magnitude_row(&self.experts[*e as usize].view(), r, &mut a);
+                }
+                m[b * o + r] = a
+                    .iter()
+                    .zip(x)
+                    .map(|(a, x)| a * f64::from(x.to_f32().abs()))
+                    .sum();
+            }
+        }
+        m
+    }
+
+    /// Compares a kernel's `y` with the reference's. `initial` is the
+    /// accumulate kernel's input `y` (None for the fused kernel).
+    fn assert_close(&self, y: &[f16], initial: Option<&[f16]>, what: &str) {
+        let mut expected = vec![f16::ZERO; y.len()];
+        let magnitudes = match initial {
+            None => {
+                reference::multi_expert_gemv(
+                    &self.base(),
+                    &self.views(),
+                    &self.x,
+                    &self.rows,
+                    &mut expected,
+                )
+                .unwrap();
+                self.magnitudes(true)
+            }
+            Some(init) => {
+                expected.copy_from_slice(init);
+                reference::delta_gemv_accumulate(
+                    self.out_features,
+                    self.in_features,
+                    &self.views(),
+                    &self.x,
+                    &self.rows,
+                    &mut expected,
+                )
+                .unwrap();
+                let mut m = self.magnitudes(false);
+                // The existing y enters the single f32 sum too.
+                for (m, v) in m.iter_mut().zip(init) {
+                    *m += f64::from(v.to_f32().abs());
+                }
+                m
+            }
+        };
+        let n = self.in_features as f64;
+        for (i, ((got, want), mag)) in y.iter().zip(&expected).zip(&magnitudes).enumerate() {
+            let (b, r) = (i / self.out_features, i % self.out_features);
+            if let (Some(init), None) = (initial, self.rows[b]) {
+                assert_eq!(
+                    got.to_bits(),
+                    init[i].to_bits(),
+                    "{what}: row {b} has no expert, y[{b},{r}] must be untouched"
+                );
+                continue;
+            }
+            let want = f64::from(want.to_f32());
+            let tol =
+                mag * (WEIGHT_ROUNDINGS * U16 + 2.0 * n * U32) + 2.0 * U16 * want.abs() + FP16_TINY;
+            let got_f = f64::from(got.to_f32());
+            assert!(
+                got.is_finite() && (got_f - want).abs() <= tol,
+                "{what}: y[{b},{r}] = {got_f} (bits {:#06x}), reference {want}, tolerance {tol:.3e}; \
+                 row expert {:?}, shape [{}, {}], batch {}",
+                got.to_bits(),
+                self.rows[b],
+                self.out_features,
+                self.in_features,
+                self.batch()
+            );
+        }
+    }
+}
+
+/// Adds `|offset| + |scale|·q + |s|` of row `r` of a delta to `a`.
+fn expert_magnitude_row(d: &DeltaView, r: usize, a: &mut [f64]) {
+    let l = &d.layout;
+    let words = d.row_codes(r);
+    for (c, ai) in a.iter_mut().enumerate() {
+        let p = d.group(r, c / l.group_size);
+        let q = reference::layout::unpack_code(words, c, l.bits);
+        *ai += f64::from(p.offset.to_f32().abs()) + f64::from(p.scale.to_f32()) * f64::from(q);
+    }
+    for (i, &j) in d.salient_index.iter().enumerate() {
+        a[j as usize] += f64::from(d.salient_values[r * l.salient + i].to_f32().abs());
+    }
+}
+
+fn download(gpu: &Gpu, y: &DeviceSlice<f16>) -> Vec<f16> {
+    ops::download(gpu, y).expect("device to host copy")
+}
+
+fn upload_case(gpu: &Gpu, case: &Case) -> (DeviceBase, Vec<DeviceDelta>) {
+    let base = DeviceBase::upload(gpu, &case.base()).expect("upload base");
+    let experts = case
+        .views()
+        .iter()
+        .map(|v| DeviceDelta::upload(gpu, v).expect("upload delta"))
+        .collect();
+    (base, experts)
+}
+
+/// Shapes that are not multiples of any tile (odd, prime, one row) as well as
+/// the ones that are: `in` is drawn per group size so every group variant runs.
+fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
+    (
+        prop_oneof![Just(1usize), 1usize..=300, Just(256usize), Just(333usize)],
+        prop_oneof![1usize..=40, 1usize..=700, Just(512usize), Just(4096usize)],
+        prop_oneof![
+            Just(GROUP_SIZES[0]),
+            Just(GROUP_SIZES[1]),
+            Just(GROUP_SIZES[2]),
+            Just(usize::MAX)
+        ],
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fused_multi_expert_gemv_matches_reference(
+        (out_features, in_features, group) in shape(),
+        bits in bits(),
+        n_experts in 0usize..=MAX_TEST_EXPERTS,
+        batch in 1usize..=MAX_TEST_BATCH,
+        mix in row_mix(),
+        seed in any::<u64>(),
+    ) {
+        let Some(gpu) = gpu_or_skip() else { return Ok(()) };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let case = Case::random(&mut rng, out_features, in_features, bits, group, n_experts, batch, mix);
+        let (base, experts) = upload_case(gpu, &case);
+        let table = DeviceExperts::new(gpu, &experts.iter().collect::<Vec<_>>()).unwrap();
+        let rows = DeviceRows::upload(gpu, &case.rows, experts.len()).unwrap();
+        let x = ops::upload(gpu, &case.x).unwrap();
+        let mut y = ops::upload(gpu, &vec![POISON; batch * out_features]).unwrap();
+        ops::multi_expert_gemv_device(gpu, &base, &table, &x, &rows, &mut y).unwrap();
+        case.assert_close(&download(gpu, &y), None, "multi_expert_gemv");
+    }
+
+    #[test]
+    fn host_slice_api_matches_reference(
+        (out_features, in_features, group) in shape(),
+        bits in bits(),
+        n_experts in 0usize..=4,
+        batch in 1usize..=3 * MAX_TEST_BATCH,
+        seed in any::<u64>(),
+    ) {
+        // Also covers batches past one launch's maximum (the host API splits them).
+        let Some(gpu) = gpu_or_skip() else { return Ok(()) };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let case = Case::random(&mut rng, out_features, in_features, bits, group, n_experts, batch, RowMix::Random);
+        let mut y = vec![POISON; batch * out_features];
+        ops::multi_expert_gemv(gpu, &case.base(), &case.views(), &case.x, &case.rows, &mut y).unwrap();
+        case.assert_close(&y, None, "multi_expert_gemv (host slices)");
+    }
+
+    #[test]
+    fn delta_only_accumulate_matches_reference(
+        (out_features, in_features, group) in shape(),
+        bits in bits(),
+        n_experts in 0usize..=MAX_TEST_EXPERTS,
+        batch in 1usize..=MAX_TEST_BATCH,
+        mix in row_mix(),
+        seed in any::<u64>(),
+    ) {
+        let Some(gpu) = gpu_or_skip() else { return Ok(()) };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let case = Case::random(&mut rng, out_features, in_features, bits, group, n_experts, batch, mix);
+        // The existing output is random, not zero, so a kernel that
+        // overwrites instead of adding fails.
+        let initial: Vec<f16> = (0..batch * out_features).map(|_| value(&mut rng, 0.01, 4.0)).collect();
+        let (_, experts) = upload_case(gpu, &case);
+        let table = DeviceExperts::new(gpu, &experts.iter().collect::<Vec<_>>()).unwrap();
+        let rows = DeviceRows::upload(gpu, &case.rows, experts.len()).unwrap();
+        let x = ops::upload(gpu, &case.x).unwrap();
+        let mut y = ops::upload(gpu, &initial).unwrap();
+        ops::delta_gemv_accumulate_device(gpu, out_features, in_features, &table, &x, &rows, &mut y).unwrap();
+        case.assert_close(&download(gpu, &y), Some(&initial), "delta_gemv_accumulate");
+    }
+
+    #[test]
+    fn dequantize_matches_reference(
+        (out_features, in_features, group) in shape(),
+        bits in bits(),
+        with_base in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let Some(gpu) = gpu_or_skip() else { return Ok(()) };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let case = Case::random(&mut rng, out_features, in_features, bits, group, 1, 1, RowMix::Random);
+        let (base, experts) = upload_case(gpu, &case);
+        let mut out = ops::upload(gpu, &vec![POISON; out_features * in_features]).unwrap();
+        ops::dequantize_device(gpu, &experts[0], with_base.then_some(&base), &mut out).unwrap();
+        let got = download(gpu, &out);
+        let mut want = vec![f16::ZERO; got.len()];
+        let base_view = case.base();
+        reference::dequantize_f16(&case.experts[0].view(), with_base.then_some(&base_view), &mut want).unwrap();
+        // One weight, no sum: the kernel may differ from the reference only
+        // by its FP16 weight-formation roundings (module docs, item 1) and
+        // the final rounding.
+        let mut mag = vec![0f64; in_features];
+        for r in 0..out_features {
+            mag.iter_mut().for_each(|m| *m = 0.0);
+            if with_base {
+                for (m, w) in mag.iter_mut().zip(&case.base[r * in_features..(r + 1) * in_features]) {
+                    *m += f64::from(w.to_f32().abs());
+                }
+            }
+            expert_magnitude_row(&case.experts[0].view(), r, &mut mag);
+            for (c, m) in mag.iter().enumerate() {
+                let i = r * in_features + c;
+                let (g, w) = (f64::from(got[i].to_f32()), f64::from(want[i].to_f32()));
+                let tol = m * WEIGHT_ROUNDINGS * U16 + 2.0 * U16 * w.abs() + FP16_TINY;
+                prop_assert!(got[i].is_finite() && (g - w).abs() <= tol,
+                    "dequantize[{r},{c}] = {g}, reference {w}, tolerance {tol:.3e} (base: {with_base})");
+            }
+        }
+    }
+}
+
+/// Exactly the edge cases the issue names, once each, with fixed seeds (the
+/// proptests reach them only by chance).
+#[test]
+fn named_edge_cases() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let cases = [
+        // (out, in, bits, group, experts, batch, mix)
+        (1, 1, Bits::One, 32, 1, 1, RowMix::AllOneExpert),
+        (4096, 4096, Bits::Two, 128, 1, 1, RowMix::AllOneExpert),
+        (333, 4097, Bits::Four, 64, 16, 64, RowMix::EveryRowDifferent),
+        (257, 96, Bits::One, usize::MAX, 16, 64, RowMix::NoExpert),
+        (65, 130, Bits::Two, 32, 0, 7, RowMix::Random),
+        (1024, 4096, Bits::Four, 128, 16, 16, RowMix::Random),
+    ];
+    for (i, &(o, n, bits, g, e, b, mix)) in cases.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(1000 + i as u64);
+        let case = Case::random(&mut rng, o, n, bits, g, e, b, mix);
+        let mut y = vec![POISON; b * o];
+        ops::multi_expert_gemv(
+            gpu,
+            &case.base(),
+            &case.views(),
+            &case.x,
+            &case.rows,
+            &mut y,
+        )
+        .unwrap();
+        case.assert_close(&y, None, &format!("edge case {i}"));
+    }
+}
+
+/// Wrong shapes are typed errors before anything is launched.
+#[test]
+fn bad_shapes_are_errors() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let mut rng = StdRng::seed_from_u64(5);
+    let case = Case::random(&mut rng, 8, 64, Bits::Four, 32, 2, 2, RowMix::Random);
+    let mut y = vec![f16::ZERO; 2 * 8];
+    let bad_rows = [Some(0), Some(7)];
+    assert!(
+        ops::multi_expert_gemv(gpu, &case.base(), &case.views(), &case.x, &bad_rows, &mut y)
+            .is_err()
+    );
+    let mut short = vec![f16::ZERO; 5];
+    assert!(ops::multi_expert_gemv(
+        gpu,
+        &case.base(),
+        &case.views(),
+        &case.x,
+        &case.rows,
+        &mut short
+    )
+    .is_err());
+    assert!(ops::multi_expert_gemv(
+        gpu,
+        &case.base(),
+        &case.views(),
+        &case.x[1..],
+        &case.rows,
+        &mut y
+    )
+    .is_err());
+}
