@@ -1,0 +1,139 @@
+/*
+ * meswitch_abi.h: the contract between the CUDA kernels (the .cu files in ptx/kernels),
+ * the launch code in meswitch-ops, and Rust (bindgen output in ptx/src/abi.rs).
+ *
+ * Plain C, no C++: it is included by NVRTC (device code), by the host C++ test
+ * shim (ptx/host/unpack_host.cpp) and parsed by bindgen. Every kernel takes ONE
+ * parameter: its param struct, by value. Device addresses are uint64_t so the
+ * struct layout is the same on every side (no pointer-width or address-space
+ * questions); the kernel casts them to typed pointers.
+ *
+ * The packed delta layout is defined in reference/src/layout.rs; the constants
+ * below restate the parts a kernel relies on, and ptx/tests/abi.rs asserts that
+ * they agree with it.
+ */
+#ifndef MESWITCH_ABI_H
+#define MESWITCH_ABI_H
+
+#ifdef __CUDACC_RTC__
+/* NVRTC has no libc headers; the fixed-width types are all we need. */
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+#else
+#include <stdint.h>
+#endif
+
+/* ---- packed delta layout (mirror of reference/src/layout.rs) ------------- */
+
+/* Bits per code of the quantized part. A 32-bit word holds 32/bits codes, low
+ * bits first: column c of a row is at word c*bits/32, bit (c*bits) % 32. */
+#define MESWITCH_BITS_1 1u
+#define MESWITCH_BITS_2 2u
+#define MESWITCH_BITS_4 4u
+#define MESWITCH_WORD_BITS 32u
+
+/* Group sizes (input columns sharing one FP16 scale and offset). */
+#define MESWITCH_GROUP_32 32u
+#define MESWITCH_GROUP_64 64u
+#define MESWITCH_GROUP_128 128u
+/* Kernel-variant tag for "one group per row" (layout group_size == in_features).
+ * Never a real group size: it only selects the kernel and means n_groups = 1. */
+#define MESWITCH_GROUP_ROW 0u
+
+/* Row marker in row_expert[]: this batch row uses the base weight only. */
+#define MESWITCH_NO_EXPERT 0xFFFFFFFFu
+
+/* Largest decode batch a GEMV launch accepts (8 mma n-tiles of 8 rows). */
+#define MESWITCH_MAX_BATCH 64u
+
+/* ---- GEMV tiling ---------------------------------------------------------- */
+
+/* Output rows per thread block: the M of one mma.m16n8k16 tile. */
+#define MESWITCH_GEMV_ROWS_PER_BLOCK 16u
+/* Batch rows per mma tile (the N of m16n8k16). */
+#define MESWITCH_GEMV_BATCH_TILE 8u
+/* Warps per block; they split the input dimension of the block's 16 rows
+ * (intra-block split-K, reduced through shared memory in a fixed order). */
+#define MESWITCH_GEMV_WARPS 4u
+#define MESWITCH_GEMV_THREADS (MESWITCH_GEMV_WARPS * 32u)
+/* Input columns one warp consumes per step: 4 lanes per row x 32 columns each,
+ * so every lane reads whole 16-byte vectors of base, x and codes, and a lane's
+ * 32 columns lie in one group for every group size. GEMV kernels require
+ * in_features % MESWITCH_GEMV_K_CHUNK == 0 (true of every Llama/Qwen/Mistral
+ * hidden and intermediate size); the launcher must check it. */
+#define MESWITCH_GEMV_K_CHUNK 128u
+/* Grid of a GEMV launch: x = ceil(out_features / MESWITCH_GEMV_ROWS_PER_BLOCK),
+ * y = z = 1, block = MESWITCH_GEMV_THREADS, no dynamic shared memory. */
+
+/* ---- dequantize tiling ---------------------------------------------------- */
+
+/* One block per output row; threads stride over its columns. Any in_features. */
+#define MESWITCH_DEQUANT_THREADS 256u
+
+/* ---- parameter structs ---------------------------------------------------- */
+
+/* One expert's packed delta for one weight matrix, all in device memory.
+ * Shapes as in layout.rs, with salient_index widened to u32 on the device. */
+typedef struct MeswitchExpertDelta {
+    uint64_t codes;          /* const uint32_t [out][words_per_row]          */
+    uint64_t scales;         /* const __half   [out][n_groups]               */
+    uint64_t offsets;        /* const __half   [out][n_groups]               */
+    uint64_t salient_index;  /* const uint32_t [n_salient], sorted, < in     */
+    uint64_t salient_values; /* const __half   [out][n_salient]              */
+    uint32_t n_salient;
+    uint32_t reserved;       /* zero; keeps the struct 8-byte aligned         */
+} MeswitchExpertDelta;
+
+/* multi_expert_gemv and delta_gemv:
+ *   multi_expert_gemv  y[b,:]  = x[b,:]·W_baseᵀ + x[b,:]·Δ̂_{e(b)}ᵀ   (writes every row b)
+ *   delta_gemv         y[b,:] += x[b,:]·Δ̂_{e(b)}ᵀ   (rows with MESWITCH_NO_EXPERT untouched;
+ *                                                  base is ignored and may be 0)
+ * FP32 accumulation, result rounded to FP16 once. All experts of one launch
+ * share the kernel's bits and group variant; the launcher splits otherwise.
+ * row_expert[b] >= n_experts (other than NO_EXPERT) is treated as NO_EXPERT
+ * by the kernel (the launcher rejects it before launching). */
+typedef struct MeswitchGemvParams {
+    uint64_t base;         /* const __half [out][in], 16-byte aligned          */
+    uint64_t experts;      /* const MeswitchExpertDelta [n_experts]           */
+    uint64_t row_expert;   /* const uint32_t [batch]                          */
+    uint64_t x;            /* const __half [batch][in], 16-byte aligned        */
+    uint64_t y;            /* __half [batch][out]                             */
+    uint32_t out_features;
+    uint32_t in_features;  /* multiple of MESWITCH_GEMV_K_CHUNK               */
+    uint32_t batch;        /* 1 ..= MESWITCH_MAX_BATCH                        */
+    uint32_t n_experts;
+} MeswitchGemvParams;
+
+/* dequantize: out = Δ̂ (base == 0) or W_base + Δ̂, dense FP16 [out][in].
+ * Bit-identical to meswitch_reference::dequantize_f16 (same f32 operations in
+ * the same order, no FMA contraction, one rounding to FP16). */
+typedef struct MeswitchDequantParams {
+    MeswitchExpertDelta delta;
+    uint64_t base;         /* const __half [out][in], or 0                    */
+    uint64_t out;          /* __half [out][in]                                */
+    uint32_t out_features;
+    uint32_t in_features;
+    uint32_t group_size;   /* the layout's group_size (in_features for ROW)   */
+    uint32_t reserved;
+} MeswitchDequantParams;
+
+/* ---- kernel entry points ---------------------------------------------------
+ * Module "multi_expert_gemv": meswitch_multi_expert_gemv_b{1,2,4}_g{32,64,128,row}
+ * Module "delta_gemv":        meswitch_delta_gemv_b{1,2,4}_g{32,64,128,row}
+ * Module "dequantize":        meswitch_dequantize_b{1,2,4}
+ * (extern "C", so the names are unmangled.) The macros build a name from the
+ * variant's tokens, e.g. MESWITCH_GEMV_NAME(4, 128) = "meswitch_multi_expert_gemv_b4_g128",
+ * MESWITCH_DELTA_GEMV_NAME(2, row) = "meswitch_delta_gemv_b2_grow". */
+#define MESWITCH_STR_(s) #s
+#define MESWITCH_STR(s) MESWITCH_STR_(s)
+#define MESWITCH_GEMV_NAME(bits, group) "meswitch_multi_expert_gemv_b" MESWITCH_STR(bits) "_g" MESWITCH_STR(group)
+#define MESWITCH_DELTA_GEMV_NAME(bits, group) "meswitch_delta_gemv_b" MESWITCH_STR(bits) "_g" MESWITCH_STR(group)
+#define MESWITCH_DEQUANT_NAME(bits) "meswitch_dequantize_b" MESWITCH_STR(bits)
+#define MESWITCH_MODULE_MULTI_EXPERT_GEMV "multi_expert_gemv"
+#define MESWITCH_MODULE_DELTA_GEMV "delta_gemv"
+#define MESWITCH_MODULE_DEQUANTIZE "dequantize"
+#define MESWITCH_GEMV_PREFIX "meswitch_multi_expert_gemv_"
+#define MESWITCH_DELTA_GEMV_PREFIX "meswitch_delta_gemv_"
+#define MESWITCH_DEQUANT_PREFIX "meswitch_dequantize_"
+
+#endif /* MESWITCH_ABI_H */
