@@ -6,6 +6,7 @@
 //!
 //! Clear rather than clever: this crate is what every kernel is checked against.
 
+pub mod container;
 pub mod delta;
 pub mod error;
 pub mod gemv;
