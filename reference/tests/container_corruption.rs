@@ -502,12 +502,15 @@ fn hostile_headers() {
     assert_names(&err, "__metadata__");
 }
 
+/// An edit of a shard index's JSON.
+type IndexEdit = Box<dyn Fn(&mut serde_json::Value)>;
+
 /// Shards + index: a damaged index or a shard that disagrees with it is an
 /// error naming the index.
 #[test]
 fn damaged_shard_indexes() {
     let tensors = small_expert();
-    let edits: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    let edits: Vec<(&str, IndexEdit)> = vec![
         (
             "escape",
             Box::new(|i| i["weight_map"]["norm.weight"] = json!("../x.safetensors")),
