@@ -272,3 +272,64 @@ fn empty_expert_round_trips() {
     assert!(read.tensors.is_empty());
     assert_eq!(read.header, header("nothing"));
 }
+
+/// An I/O failure part-way leaves the writer refusing to produce a file.
+#[test]
+fn writer_io_errors_poison_the_writer() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let delta = ExpertTensor::Delta(random_delta(&mut rng, 2, 40, Bits::Four, 32, 1));
+    let missing = std::env::temp_dir().join("meswitch-no-such-dir/sub/e.safetensors");
+    assert!(matches!(
+        ExpertWriter::create(&missing, header("e"), None),
+        Err(FormatError::Io { .. })
+    ));
+
+    let scratch = Scratch::new("poison");
+    let mut w = ExpertWriter::create(&scratch.path("e.safetensors"), header("e"), Some(1)).unwrap();
+    w.add("a", &delta).unwrap();
+    std::fs::remove_dir_all(&scratch.0).unwrap();
+    // The shard is full: closing it needs the vanished folder.
+    assert!(matches!(w.add("b", &delta), Err(FormatError::Io { .. })));
+    assert!(matches!(
+        w.add("c", &delta),
+        Err(FormatError::Writer { .. })
+    ));
+    assert!(w.finish().is_err());
+}
+
+/// Write and read speed of a Mistral-7B-shaped INT2 expert layer set
+/// (CPU, this machine). Run explicitly:
+/// `cargo test --release -p meswitch-reference --test container_roundtrip -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput_mistral_shapes() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let shapes = [
+        (4096, 4096),
+        (1024, 4096),
+        (1024, 4096),
+        (4096, 4096),
+        (14336, 4096),
+        (14336, 4096),
+        (4096, 14336),
+    ];
+    let mut tensors = BTreeMap::new();
+    for (i, &(out, inp)) in shapes.iter().enumerate() {
+        let k = inp / 100;
+        tensors.insert(
+            format!("t{i}.weight"),
+            ExpertTensor::Delta(random_delta(&mut rng, out, inp, Bits::Two, 128, k)),
+        );
+    }
+    let scratch = Scratch::new("throughput");
+    let path = scratch.path("layer.safetensors");
+    let t = std::time::Instant::now();
+    write_expert(&path, header("speed"), &tensors, None).unwrap();
+    let write_s = t.elapsed().as_secs_f64();
+    let mb = std::fs::metadata(&path).unwrap().len() as f64 / 1e6;
+    let t = std::time::Instant::now();
+    let read = read_expert(&path).unwrap();
+    let read_s = t.elapsed().as_secs_f64();
+    assert_eq!(read.tensors.len(), shapes.len());
+    println!("one Mistral-7B layer, INT2 g128 1% salient: {mb:.1} MB file; write {write_s:.3} s ({:.0} MB/s), read+verify {read_s:.3} s ({:.0} MB/s)", mb / write_s, mb / read_s);
+}

@@ -90,6 +90,8 @@ pub enum FormatError {
     },
     #[error("tensor `{tensor}` is in the expert but not in the base model")]
     NotInBase { tensor: String },
+    #[error("writing expert: {problem}")]
+    Writer { problem: String },
     #[error("writing tensor `{tensor}`: {problem}")]
     Write { tensor: String, problem: String },
 }

@@ -321,22 +321,36 @@ fn values_error(file: &str, tensor: &str, problem: &str) -> FormatError {
     }
 }
 
+/// Little-endian bytes to values. On little-endian hosts this is one copy
+/// (the bytes may be unaligned, so they cannot be viewed in place).
 fn to_u32(bytes: &[u8]) -> Vec<u32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    if cfg!(target_endian = "little") {
+        bytemuck::pod_collect_to_vec(bytes)
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
 }
 
 fn to_u16(bytes: &[u8]) -> Vec<u16> {
-    bytes
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect()
+    if cfg!(target_endian = "little") {
+        bytemuck::pod_collect_to_vec(bytes)
+    } else {
+        bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect()
+    }
 }
 
 fn to_f16(bytes: &[u8]) -> Vec<f16> {
-    to_u16(bytes).into_iter().map(f16::from_bits).collect()
+    if cfg!(target_endian = "little") {
+        bytemuck::pod_collect_to_vec(bytes)
+    } else {
+        to_u16(bytes).into_iter().map(f16::from_bits).collect()
+    }
 }
 
 /// Reads shards through their `*.safetensors.index.json`.

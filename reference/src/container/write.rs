@@ -47,6 +47,9 @@ pub struct ExpertWriter {
     current: Option<ShardSpool>,
     hf_names: BTreeSet<String>,
     stored_names: BTreeSet<String>,
+    /// Set when an I/O error left a spool half-written: the output would
+    /// not be a valid file, so `finish` refuses.
+    poisoned: Option<String>,
     finished: bool,
 }
 
@@ -152,8 +155,7 @@ impl ExpertWriter {
         max_shard_bytes: Option<u64>,
     ) -> Result<Self, FormatError> {
         if !BaseIdentity::is_well_formed(&header.base.digest) {
-            return Err(FormatError::Write {
-                tensor: String::new(),
+            return Err(FormatError::Writer {
                 problem: format!(
                     "base identity {:?} is not 64 lowercase hex digits",
                     header.base.digest
@@ -161,12 +163,11 @@ impl ExpertWriter {
             });
         }
         if header.expert_name.is_empty() {
-            return Err(FormatError::Write {
-                tensor: String::new(),
+            return Err(FormatError::Writer {
                 problem: "empty expert name".into(),
             });
         }
-        Ok(ExpertWriter {
+        let mut writer = ExpertWriter {
             path: path.to_owned(),
             header,
             max_shard_bytes,
@@ -174,12 +175,22 @@ impl ExpertWriter {
             current: None,
             hf_names: BTreeSet::new(),
             stored_names: BTreeSet::new(),
+            poisoned: None,
             finished: false,
-        })
+        };
+        // Opening the first spools now reports an unwritable folder here
+        // rather than at the first tensor.
+        writer.current = Some(writer.open_shard()?);
+        Ok(writer)
     }
 
     /// Adds one tensor under its Hugging Face name; its bytes go to disk now.
     pub fn add(&mut self, name: &str, tensor: &ExpertTensor) -> Result<(), FormatError> {
+        if let Some(problem) = &self.poisoned {
+            return Err(FormatError::Writer {
+                problem: problem.clone(),
+            });
+        }
         let reject = |problem: String| FormatError::Write {
             tensor: name.to_owned(),
             problem,
@@ -206,7 +217,22 @@ impl ExpertWriter {
                     .max_shard_bytes
                     .is_some_and(|max| shard.data_bytes + bytes > max)
         });
-        if full {
+        // Past this point a failure leaves a partial shard behind.
+        self.spool(name, tensor, meta, specs, full)
+            .inspect_err(|e| {
+                self.poisoned = Some(format!("an earlier write failed: {e}"));
+            })
+    }
+
+    fn spool(
+        &mut self,
+        name: &str,
+        tensor: &ExpertTensor,
+        meta: TensorMeta,
+        specs: Vec<StoredSpec>,
+        start_new_shard: bool,
+    ) -> Result<(), FormatError> {
+        if start_new_shard {
             self.close_shard()?;
         }
         if self.current.is_none() {
@@ -242,6 +268,9 @@ impl ExpertWriter {
     /// files written: `[path]`, or the shards followed by
     /// `path.index.json` (shards are named `STEM-00001-of-0000N.safetensors`).
     pub fn finish(mut self) -> Result<Vec<PathBuf>, FormatError> {
+        if let Some(problem) = self.poisoned.take() {
+            return Err(FormatError::Writer { problem });
+        }
         if self.current.is_none() && self.closed.is_empty() {
             self.current = Some(self.open_shard()?);
         }
