@@ -15,5 +15,74 @@ pub struct KernelModule {
     pub ptx: &'static str,
 }
 
+/// Module of the fused decode GEMV (base + per-row expert delta); entry points
+/// `meswitch_multi_expert_gemv_b{1,2,4}_g{32,64,128,row}`.
+pub const MULTI_EXPERT_GEMV: KernelModule = KernelModule {
+    name: "multi_expert_gemv",
+    ptx: include_str!("../ptx/multi_expert_gemv.ptx"),
+};
+
+/// Module of the delta-only GEMV that adds into an existing FP16 y; entry
+/// points `meswitch_delta_gemv_b{1,2,4}_g{32,64,128,row}`.
+pub const DELTA_GEMV: KernelModule = KernelModule {
+    name: "delta_gemv",
+    ptx: include_str!("../ptx/delta_gemv.ptx"),
+};
+
+/// Module of the dense dequantization (Δ̂ or W_base + Δ̂); entry points
+/// `meswitch_dequantize_b{1,2,4}`.
+pub const DEQUANTIZE: KernelModule = KernelModule {
+    name: "dequantize",
+    ptx: include_str!("../ptx/dequantize.ptx"),
+};
+
 /// Every embedded kernel module.
-pub const MODULES: &[KernelModule] = &[];
+pub const MODULES: &[KernelModule] = &[MULTI_EXPERT_GEMV, DELTA_GEMV, DEQUANTIZE];
+
+/// Group-size token of an entry-point name: `"32"`, `"64"`, `"128"`, or
+/// `"row"` when the layout has one group per row. `None` for a group size the
+/// kernels have no variant for.
+pub fn group_token(group_size: usize, in_features: usize) -> Option<&'static str> {
+    match group_size {
+        32 => Some("32"),
+        64 => Some("64"),
+        128 => Some("128"),
+        g if g == in_features => Some("row"),
+        _ => None,
+    }
+}
+
+/// Entry point of the fused GEMV for a delta of `bits` bits and the given
+/// group size, e.g. `meswitch_multi_expert_gemv_b4_g128`.
+pub fn multi_expert_gemv_entry(bits: u32, group_size: usize, in_features: usize) -> Option<String> {
+    gemv_entry(
+        "meswitch_multi_expert_gemv_b",
+        bits,
+        group_size,
+        in_features,
+    )
+}
+
+/// Entry point of the delta-only GEMV, e.g. `meswitch_delta_gemv_b2_grow`.
+pub fn delta_gemv_entry(bits: u32, group_size: usize, in_features: usize) -> Option<String> {
+    gemv_entry("meswitch_delta_gemv_b", bits, group_size, in_features)
+}
+
+/// Entry point of the dequantize kernel, e.g. `meswitch_dequantize_b1`.
+pub fn dequantize_entry(bits: u32) -> Option<String> {
+    matches!(bits, 1 | 2 | 4).then(|| format!("meswitch_dequantize_b{bits}"))
+}
+
+fn gemv_entry(prefix: &str, bits: u32, group_size: usize, in_features: usize) -> Option<String> {
+    if !matches!(bits, 1 | 2 | 4) {
+        return None;
+    }
+    group_token(group_size, in_features).map(|g| format!("{prefix}{bits}_g{g}"))
+}
+
+/// True when the GEMV kernels accept this input width: whole 128-column
+/// chunks (`abi::MESWITCH_GEMV_K_CHUNK`). The launcher must check it and
+/// fall back otherwise.
+pub fn gemv_supports_in_features(in_features: usize) -> bool {
+    in_features > 0 && in_features % abi::MESWITCH_GEMV_K_CHUNK as usize == 0
+}

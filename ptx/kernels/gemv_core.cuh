@@ -1,0 +1,243 @@
+// gemv_core.cuh: the batched multi-expert GEMV shared by multi_expert_gemv.cu
+// (base + deltas, writes y) and delta_gemv.cu (deltas only, adds into y).
+//
+//   y[b, r] (=|+=) Σ_c x[b, c]·W_base[r, c]  +  Σ_c x[b, c]·Δ̂_{e(b)}[r, c]
+//
+// Work split (constants in meswitch_abi.h):
+//
+//   grid.x = ceil(out / 16)     one block per 16 output rows (mma M = 16)
+//   block  = 4 warps            warp w takes K chunks w, w+4, w+8, ... of 128
+//                               input columns (intra-block split-K)
+//   batch  <= 64                8 mma n-tiles of 8 batch rows, all held in
+//                               registers: acc[n-tile][4] f32
+//
+// So W_base is read once per launch whatever the batch, and each active
+// expert's codes/scales/offsets once: an expert's mma runs with B = x masked
+// to the batch rows that use that expert (n-tiles without such a row are
+// skipped). 4096 rows give 256 blocks, about two per SM on a 132-SM H100, so
+// B = 1 fills the GPU without split-K across blocks.
+//
+// After the K loop each warp parks its 16 x 64 partial sums in shared memory;
+// the block adds the 4 warps in a fixed order (deterministic), adds the
+// salient residual columns in f32 and rounds to FP16 once.
+#ifndef MESWITCH_GEMV_CORE_CUH
+#define MESWITCH_GEMV_CORE_CUH
+
+#include <cuda_fp16.h>
+
+#include "delta_unpack.cuh"
+
+#define MESWITCH_MMA_TILES (MESWITCH_MAX_BATCH / MESWITCH_GEMV_BATCH_TILE)
+#define MESWITCH_OCTETS_PER_LANE 4u
+
+// D = A·B + D for one m16n8k16 tile, FP16 inputs, FP32 accumulators.
+// Fragment layout (PTX ISA, f16 m16n8k16), g = lane / 4, t = lane % 4:
+//   A (16x16, row-major):  a[0] = (row g,   k 2t..2t+1)   a[1] = (row g+8, k 2t..2t+1)
+//                          a[2] = (row g,   k 2t+8..2t+9) a[3] = (row g+8, k 2t+8..2t+9)
+//   B (16x8, col-major):   b[0] = (k 2t..2t+1, col g)     b[1] = (k 2t+8..2t+9, col g)
+//   C/D (16x8 f32):        c[0..1] = (row g, cols 2t, 2t+1), c[2..3] = (row g+8, cols 2t, 2t+1)
+// Each half2 register holds the lower k index in its low 16 bits.
+__device__ __forceinline__ void meswitch_mma_16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                   uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 meswitch_ld16(const __half* p) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+// Lane's `BITS` code words for 32 columns (16, 8 or 4 bytes, naturally aligned
+// because in_features % 128 == 0 puts every row and lane start on them).
+template <int BITS>
+__device__ __forceinline__ void meswitch_load_lane_words(const uint32_t* p, uint32_t w[4]) {
+    if (BITS == 4) {
+        uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else if (BITS == 2) {
+        uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+        w[0] = v.x; w[1] = v.y; w[2] = 0u; w[3] = 0u;
+    } else {
+        w[0] = __ldg(p); w[1] = 0u; w[2] = 0u; w[3] = 0u;
+    }
+}
+
+// half2 (1024+qa, 1024+qb) -> (offset + scale·qa, offset + scale·qb), one FP16
+// rounding (the subtraction of 1024 is exact).
+__device__ __forceinline__ uint32_t meswitch_dequant_half2(uint32_t magic, __half2 scale, __half2 offset) {
+    __half2 q = __hsub2(*reinterpret_cast<__half2*>(&magic), __half2half2(__ushort_as_half(0x6400)));
+    __half2 v = __hfma2(q, scale, offset);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <int BITS, uint32_t GROUP, bool WITH_BASE>
+__device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) {
+    // Partial sums of each warp: [warp][tile row 0..15][batch row 0..63].
+    __shared__ float s_part[MESWITCH_GEMV_WARPS][MESWITCH_GEMV_ROWS_PER_BLOCK][MESWITCH_MAX_BATCH];
+    // Distinct experts of the batch and, per expert, a bit per batch row.
+    __shared__ uint32_t s_expert[MESWITCH_MAX_BATCH];
+    __shared__ unsigned long long s_rows[MESWITCH_MAX_BATCH];
+    __shared__ uint32_t s_n_active;
+
+    const uint32_t out = p.out_features, in = p.in_features;
+    const uint32_t batch = p.batch < MESWITCH_MAX_BATCH ? p.batch : MESWITCH_MAX_BATCH;
+    const uint32_t* row_expert = reinterpret_cast<const uint32_t*>(p.row_expert);
+    const MeswitchExpertDelta* experts = reinterpret_cast<const MeswitchExpertDelta*>(p.experts);
+    const __half* x = reinterpret_cast<const __half*>(p.x);
+    __half* y = reinterpret_cast<__half*>(p.y);
+
+    if (threadIdx.x == 0) {
+        // At most 64 rows: a serial scan is a few hundred cycles, once a block.
+        uint32_t n = 0;
+        for (uint32_t b = 0; b < batch; ++b) {
+            uint32_t e = row_expert[b];
+            if (e >= p.n_experts) continue;  // NO_EXPERT, or rejected by the launcher
+            uint32_t i = 0;
+            while (i < n && s_expert[i] != e) ++i;
+            if (i == n) { s_expert[n] = e; s_rows[n] = 0ull; ++n; }
+            s_rows[i] |= 1ull << b;
+        }
+        s_n_active = n;
+    }
+    __syncthreads();
+
+    const uint32_t warp = threadIdx.x / 32u, lane = threadIdx.x % 32u;
+    const uint32_t g = lane / 4u, t = lane % 4u;
+    const uint32_t r0 = blockIdx.x * MESWITCH_GEMV_ROWS_PER_BLOCK;
+    // Rows past the end are clamped for loading (valid memory) and never stored.
+    const uint32_t r_lo = min(r0 + g, out - 1u), r_hi = min(r0 + g + 8u, out - 1u);
+    const uint32_t n_tiles = (batch + MESWITCH_GEMV_BATCH_TILE - 1u) / MESWITCH_GEMV_BATCH_TILE;
+    const uint32_t n_chunks = in / MESWITCH_GEMV_K_CHUNK;
+    const uint32_t words_per_row = in * BITS / MESWITCH_WORD_BITS;
+    const uint32_t n_groups = GROUP == MESWITCH_GROUP_ROW ? 1u : in / GROUP;
+    const uint32_t n_active = s_n_active;
+
+    float acc[MESWITCH_MMA_TILES][4];
+#pragma unroll
+    for (uint32_t nt = 0; nt < MESWITCH_MMA_TILES; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+    for (uint32_t chunk = warp; chunk < n_chunks; chunk += MESWITCH_GEMV_WARPS) {
+        const uint32_t col0 = chunk * MESWITCH_GEMV_K_CHUNK + 32u * t;  // lane's first column
+
+        if (WITH_BASE) {
+            const __half* base = reinterpret_cast<const __half*>(p.base);
+#pragma unroll
+            for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
+                const uint32_t c = col0 + 8u * q;
+                uint4 lo = meswitch_ld16(base + (size_t)r_lo * in + c);
+                uint4 hi = meswitch_ld16(base + (size_t)r_hi * in + c);
+#pragma unroll
+                for (uint32_t nt = 0; nt < MESWITCH_MMA_TILES; ++nt) {
+                    if (nt < n_tiles) {
+                        const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
+                        uint4 xv = b < batch ? meswitch_ld16(x + (size_t)b * in + c) : make_uint4(0, 0, 0, 0);
+                        meswitch_mma_16816(acc[nt], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
+                        meswitch_mma_16816(acc[nt], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
+                    }
+                }
+            }
+        }
+
+        for (uint32_t i = 0; i < n_active; ++i) {
+            const MeswitchExpertDelta d = experts[s_expert[i]];
+            const unsigned long long rows = s_rows[i];
+            const uint32_t grp = meswitch_lane_group(chunk, t, GROUP);
+            const __half* scales = reinterpret_cast<const __half*>(d.scales);
+            const __half* offsets = reinterpret_cast<const __half*>(d.offsets);
+            const __half2 s_lo = __half2half2(scales[(size_t)r_lo * n_groups + grp]);
+            const __half2 s_hi = __half2half2(scales[(size_t)r_hi * n_groups + grp]);
+            const __half2 o_lo = __half2half2(offsets[(size_t)r_lo * n_groups + grp]);
+            const __half2 o_hi = __half2half2(offsets[(size_t)r_hi * n_groups + grp]);
+            const uint32_t* codes = reinterpret_cast<const uint32_t*>(d.codes);
+            const uint32_t lane_word = col0 * BITS / MESWITCH_WORD_BITS;
+            uint32_t w_lo[4], w_hi[4];
+            meswitch_load_lane_words<BITS>(codes + (size_t)r_lo * words_per_row + lane_word, w_lo);
+            meswitch_load_lane_words<BITS>(codes + (size_t)r_hi * words_per_row + lane_word, w_hi);
+#pragma unroll
+            for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
+                uint32_t a_lo[4], a_hi[4];
+                meswitch_octet_to_half2x4(meswitch_octet_field(w_lo, q, BITS), BITS, a_lo);
+                meswitch_octet_to_half2x4(meswitch_octet_field(w_hi, q, BITS), BITS, a_hi);
+#pragma unroll
+                for (uint32_t j = 0; j < 4u; ++j) {
+                    a_lo[j] = meswitch_dequant_half2(a_lo[j], s_lo, o_lo);
+                    a_hi[j] = meswitch_dequant_half2(a_hi[j], s_hi, o_hi);
+                }
+                const uint32_t c = col0 + 8u * q;
+#pragma unroll
+                for (uint32_t nt = 0; nt < MESWITCH_MMA_TILES; ++nt) {
+                    // Warp-uniform: skip n-tiles with no row of this expert.
+                    if (nt < n_tiles && ((rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 0xFFull) != 0ull) {
+                        const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
+                        uint32_t xv[4] = {0u, 0u, 0u, 0u}, xp[4];
+                        if ((rows >> b) & 1ull) {
+                            uint4 v = meswitch_ld16(x + (size_t)b * in + c);
+                            xv[0] = v.x; xv[1] = v.y; xv[2] = v.z; xv[3] = v.w;
+                        }
+                        meswitch_pair_x_octet(xv, xp);
+                        meswitch_mma_16816(acc[nt], a_lo[0], a_hi[0], a_lo[1], a_hi[1], xp[0], xp[1]);
+                        meswitch_mma_16816(acc[nt], a_lo[2], a_hi[2], a_lo[3], a_hi[3], xp[2], xp[3]);
+                    }
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (uint32_t nt = 0; nt < MESWITCH_MMA_TILES; ++nt) {
+        if (nt < n_tiles) {
+            const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + 2u * t;
+            s_part[warp][g][b] = acc[nt][0];
+            s_part[warp][g][b + 1u] = acc[nt][1];
+            s_part[warp][g + 8u][b] = acc[nt][2];
+            s_part[warp][g + 8u][b + 1u] = acc[nt][3];
+        }
+    }
+    __syncthreads();
+
+    // Epilogue: tile row m runs fastest so consecutive threads store
+    // consecutive y elements of one batch row.
+    for (uint32_t idx = threadIdx.x; idx < MESWITCH_GEMV_ROWS_PER_BLOCK * batch; idx += MESWITCH_GEMV_THREADS) {
+        const uint32_t m = idx % MESWITCH_GEMV_ROWS_PER_BLOCK, b = idx / MESWITCH_GEMV_ROWS_PER_BLOCK;
+        const uint32_t r = r0 + m;
+        if (r >= out) continue;
+        float sum = 0.f;
+#pragma unroll
+        for (uint32_t w = 0; w < MESWITCH_GEMV_WARPS; ++w) sum += s_part[w][m][b];
+        const uint32_t e = row_expert[b];
+        const bool has_expert = e < p.n_experts;
+        if (has_expert) {
+            // Salient residual: S[r, idx_i] at k columns, FP32 (k ~ 1% of in).
+            const MeswitchExpertDelta d = experts[e];
+            const uint32_t* sidx = reinterpret_cast<const uint32_t*>(d.salient_index);
+            const __half* sval = reinterpret_cast<const __half*>(d.salient_values) + (size_t)r * d.n_salient;
+            for (uint32_t i = 0; i < d.n_salient; ++i) {
+                sum += __half2float(sval[i]) * __half2float(x[(size_t)b * in + sidx[i]]);
+            }
+        }
+        __half* dst = y + (size_t)b * out + r;
+        if (WITH_BASE) {
+            *dst = __float2half_rn(sum);
+        } else if (has_expert) {
+            *dst = __float2half_rn(__half2float(*dst) + sum);
+        }
+    }
+}
+
+// One extern "C" entry point per (bits, group) variant.
+#define MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base)                             \
+    extern "C" __global__ void __launch_bounds__(MESWITCH_GEMV_THREADS, 1)                       \
+        prefix##bits##_g##gname(const MeswitchGemvParams p) {                                   \
+        meswitch_gemv_core<bits, group, with_base>(p);                                          \
+    }
+
+#define MESWITCH_GEMV_ALL_GROUPS(prefix, bits, with_base)              \
+    MESWITCH_GEMV_ENTRY(prefix, bits, 32, MESWITCH_GROUP_32, with_base)   \
+    MESWITCH_GEMV_ENTRY(prefix, bits, 64, MESWITCH_GROUP_64, with_base)   \
+    MESWITCH_GEMV_ENTRY(prefix, bits, 128, MESWITCH_GROUP_128, with_base) \
+    MESWITCH_GEMV_ENTRY(prefix, bits, row, MESWITCH_GROUP_ROW, with_base)
+
+#endif  // MESWITCH_GEMV_CORE_CUH
