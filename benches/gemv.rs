@@ -491,7 +491,12 @@ fn plot(
             .collect();
         configs.sort_unstable();
         configs.dedup();
-        let y_max = copy_gbps * 1.15;
+        let y_max = records
+            .iter()
+            .filter(|r| (r.out_features, r.in_features) == (o, i) && r.variant == "fused")
+            .map(Record::gbps)
+            .fold(copy_gbps, f64::max)
+            * 1.15;
         let mut builder = ChartBuilder::on(panel);
         builder.margin(12);
         if labels {

@@ -6,8 +6,8 @@
 //! every failure into [`OpsError::NoDevice`]; on a machine without a GPU no
 //! call in this crate panics.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
@@ -21,6 +21,10 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: BTreeMap<&'static str, Arc<CudaModule>>,
+    /// Entry points already looked up: a decode step launches the same few
+    /// kernels thousands of times, and cuModuleGetFunction is host overhead
+    /// on every one of them.
+    functions: Mutex<HashMap<String, CudaFunction>>,
     blas: Result<CudaBlas, String>,
     name: String,
     compute_capability: (i32, i32),
@@ -108,6 +112,7 @@ impl Gpu {
             ctx,
             stream,
             modules,
+            functions: Mutex::new(HashMap::new()),
             blas,
             name,
             compute_capability,
@@ -137,8 +142,15 @@ impl Gpu {
 
     /// Kernel entry point `kernel` from whichever embedded module defines it.
     pub fn function(&self, kernel: &str) -> Result<CudaFunction, OpsError> {
+        // A poisoned lock only means another thread panicked mid-insert; the
+        // map itself is still a valid cache.
+        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(kernel) {
+            return Ok(f.clone());
+        }
         for module in self.modules.values() {
             if let Ok(f) = module.load_function(kernel) {
+                cache.insert(kernel.to_string(), f.clone());
                 return Ok(f);
             }
         }

@@ -99,6 +99,11 @@ impl<'a> DeviceExperts<'a> {
             .sum()
     }
 
+    /// Expert `i` of the call.
+    pub fn delta(&self, i: usize) -> &'a DeviceDelta {
+        self.experts[i]
+    }
+
     pub(crate) fn table(&self) -> &launch::ExpertTable {
         &self.table
     }

@@ -1,65 +1,554 @@
-//! The unsafe layer: ABI param structs filled from checked device buffers,
-//! launch configurations, kernel launches. PROVISIONAL until
-//! `ptx/include/meswitch_abi.h` and its bindings land: every launch returns
-//! `OpsError::Unsupported`.
+//! The unsafe layer: ABI param structs (`ptx/include/meswitch_abi.h`, via the
+//! bindgen output `meswitch_ptx::abi`) filled from checked device buffers,
+//! launch configurations computed from the ABI's constants, and launches.
+//! Callers ([`crate::gemv`]) have already checked every length and expert
+//! index; this module checks what only the kernels require (K alignment,
+//! batch per launch) and picks kernel variants.
+//!
+//! Variants. A kernel is compiled per (bits, group) variant and all experts
+//! of one launch must share it. [`ExpertTable`] groups a call's experts by
+//! variant, one device descriptor table per variant:
+//!
+//! ```text
+//!   experts (global index)   0:int2/g128  1:int4/g128  2:int2/g128
+//!   variant tables           int2/g128 -> [0, 2]   int4/g128 -> [1]
+//!   row_expert (global)      [2, NONE, 1, 0]
+//!   per-variant rows         int2/g128: [1, NONE, NONE, 0]   int4/g128: [NONE, NONE, 0, NONE]
+//! ```
+//!
+//! The first variant with active rows goes through the fused kernel (base +
+//! its deltas); each other variant adds its rows' deltas with the delta-only
+//! kernel (so those rows are rounded to FP16 twice). With one variant, the
+//! common case, the global row ids are used as they are: one launch per
+//! `MESWITCH_MAX_BATCH` rows and no host copies.
+//!
+//! `in_features` not a multiple of `MESWITCH_GEMV_K_CHUNK` (e.g. SmolLM2's
+//! 576) cannot use the GEMV kernels; those calls go through cuBLAS for the
+//! base and dequantize + cuBLAS per expert (correct, slower; documented in
+//! [`unaligned_gemv`]).
 
-use cudarc::driver::CudaSlice;
+use std::collections::BTreeMap;
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
+use meswitch_ptx::abi;
+use meswitch_reference::{Bits, DeltaLayout};
 
+use crate::blas::linear_f16;
 use crate::buffers::{DeviceBase, DeviceDelta};
 use crate::device::Gpu;
-use crate::error::OpsError;
-use crate::gemv::{DeviceExperts, DeviceRows};
+use crate::error::{DriverContext, OpsError};
+use crate::gemv::{upload, DeviceExperts, DeviceRows};
 
 /// Row marker for "no expert, base only".
-pub const NO_EXPERT: u32 = u32::MAX;
+pub const NO_EXPERT: u32 = abi::MESWITCH_NO_EXPERT;
+/// Rows one GEMV launch accepts; larger batches are split.
+pub const MAX_BATCH: usize = abi::MESWITCH_MAX_BATCH as usize;
+/// The GEMV kernels consume the input dimension in chunks of this many columns.
+pub const K_CHUNK: usize = abi::MESWITCH_GEMV_K_CHUNK as usize;
+const F16_BYTES: u64 = 2;
+const U32_BYTES: u64 = 4;
 
 pub(crate) fn row_id(e: Option<u32>) -> u32 {
     e.unwrap_or(NO_EXPERT)
 }
 
-pub(crate) struct ExpertTable;
+/// A param struct passed by value as a kernel's single argument.
+/// `repr(transparent)`: the bytes cudarc hands to cuLaunchKernel are exactly
+/// the C struct's.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct Param<T>(T);
+// SAFETY: both structs are #[repr(C)] bindgen output of plain C structs made
+// of u64/u32 fields (no pointers the host dereferences, no padding issues:
+// the header keeps them 8-byte aligned with explicit `reserved` fields).
+unsafe impl DeviceRepr for Param<abi::MeswitchGemvParams> {}
+unsafe impl DeviceRepr for Param<abi::MeswitchDequantParams> {}
 
-impl ExpertTable {
-    pub(crate) fn new(_gpu: &Gpu, _experts: &[&DeviceDelta]) -> Result<ExpertTable, OpsError> {
-        Ok(ExpertTable)
+/// Strips the NUL that bindgen keeps at the end of a C string macro.
+fn c_name(bytes: &[u8]) -> &str {
+    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+    std::str::from_utf8(bytes).expect("ABI names are ASCII")
+}
+
+/// Group part of a kernel variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Group {
+    /// One of the fixed group sizes (32, 64, 128), smaller than `in`.
+    Size(u32),
+    /// One group per row (`group_size == in_features`).
+    Row,
+}
+
+/// The (bits, group) variant a kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Variant {
+    bits: Bits,
+    group: Group,
+}
+
+impl Variant {
+    fn of(layout: &DeltaLayout) -> Result<Variant, OpsError> {
+        let fixed = [
+            abi::MESWITCH_GROUP_32,
+            abi::MESWITCH_GROUP_64,
+            abi::MESWITCH_GROUP_128,
+        ];
+        let group = if layout.group_size >= layout.in_features {
+            Group::Row
+        } else if let Some(&g) = fixed.iter().find(|&&g| g as usize == layout.group_size) {
+            Group::Size(g)
+        } else {
+            return Err(OpsError::Unsupported(format!(
+                "group size {} has no kernel variant",
+                layout.group_size
+            )));
+        };
+        Ok(Variant {
+            bits: layout.bits,
+            group,
+        })
+    }
+
+    /// Any variant computes the base part the same way; this one serves
+    /// launches in which no row has an expert.
+    fn base_only() -> Variant {
+        Variant {
+            bits: Bits::Four,
+            group: Group::Size(abi::MESWITCH_GROUP_128),
+        }
+    }
+
+    fn suffix(self) -> String {
+        match self.group {
+            Group::Size(g) => format!("b{}_g{g}", self.bits.count()),
+            Group::Row => format!("b{}_grow", self.bits.count()),
+        }
+    }
+
+    fn fused_kernel(self) -> String {
+        format!("{}{}", c_name(abi::MESWITCH_GEMV_PREFIX), self.suffix())
+    }
+
+    fn delta_kernel(self) -> String {
+        format!(
+            "{}{}",
+            c_name(abi::MESWITCH_DELTA_GEMV_PREFIX),
+            self.suffix()
+        )
     }
 }
 
-fn not_yet() -> OpsError {
-    OpsError::Unsupported("the kernel ABI is not embedded in meswitch-ptx yet".into())
+fn dequant_kernel(bits: Bits) -> String {
+    format!("{}b{}", c_name(abi::MESWITCH_DEQUANT_PREFIX), bits.count())
+}
+
+/// Grid and block of a GEMV launch, as the header prescribes.
+fn gemv_config(out_features: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            out_features.div_ceil(abi::MESWITCH_GEMV_ROWS_PER_BLOCK as usize) as u32,
+            1,
+            1,
+        ),
+        block_dim: (abi::MESWITCH_GEMV_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per output row, as the header prescribes.
+fn dequant_config(out_features: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (out_features as u32, 1, 1),
+        block_dim: (abi::MESWITCH_DEQUANT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Raw device address of a buffer. The buffers outlive every launch that
+/// uses the address (they are borrowed by the caller for the whole call), and
+/// all work is on one stream, so no cross-stream event is needed.
+fn addr<T>(gpu: &Gpu, buf: &CudaSlice<T>) -> u64 {
+    let (ptr, _sync) = buf.device_ptr(gpu.stream());
+    ptr
+}
+
+fn addr_mut<T>(gpu: &Gpu, buf: &mut CudaSlice<T>) -> u64 {
+    let (ptr, _sync) = buf.device_ptr_mut(gpu.stream());
+    ptr
+}
+
+fn descriptor(gpu: &Gpu, d: &DeviceDelta) -> abi::MeswitchExpertDelta {
+    abi::MeswitchExpertDelta {
+        codes: addr(gpu, &d.codes),
+        scales: addr(gpu, &d.scales),
+        offsets: addr(gpu, &d.offsets),
+        salient_index: addr(gpu, &d.salient_index),
+        salient_values: addr(gpu, &d.salient_values),
+        n_salient: d.layout.salient as u32,
+        reserved: 0,
+    }
+}
+
+/// The descriptors of one variant's experts on the device.
+struct VariantTable {
+    variant: Variant,
+    /// `MeswitchExpertDelta[n]` as bytes (the struct is not a cudarc type).
+    descriptors: CudaSlice<u8>,
+    n: u32,
+}
+
+/// A call's experts grouped by kernel variant (see the module docs).
+pub(crate) struct ExpertTable {
+    tables: Vec<VariantTable>,
+    /// Global expert index → (index into `tables`, index within that table).
+    place: Vec<(usize, u32)>,
+}
+
+impl ExpertTable {
+    pub(crate) fn new(gpu: &Gpu, experts: &[&DeviceDelta]) -> Result<ExpertTable, OpsError> {
+        let mut by_variant: BTreeMap<Variant, Vec<abi::MeswitchExpertDelta>> = BTreeMap::new();
+        let mut local = Vec::with_capacity(experts.len());
+        for e in experts {
+            let list = by_variant.entry(Variant::of(&e.layout)?).or_default();
+            local.push((Variant::of(&e.layout)?, list.len() as u32));
+            list.push(descriptor(gpu, e));
+        }
+        let mut tables = Vec::new();
+        let mut index = BTreeMap::new();
+        for (variant, list) in by_variant {
+            // SAFETY: MeswitchExpertDelta is a #[repr(C)] struct of integers;
+            // viewing it as bytes is sound.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    list.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(list.as_slice()),
+                )
+            };
+            index.insert(variant, tables.len());
+            tables.push(VariantTable {
+                variant,
+                descriptors: upload(gpu, bytes)?,
+                n: list.len() as u32,
+            });
+        }
+        let place = local.into_iter().map(|(v, i)| (index[&v], i)).collect();
+        Ok(ExpertTable { tables, place })
+    }
+}
+
+/// One kernel's worth of work: a variant, its descriptor table and the row
+/// ids in that table's numbering.
+struct Pass<'t> {
+    variant: Variant,
+    table: Option<&'t VariantTable>,
+    rows: RowIds<'t>,
+}
+
+enum RowIds<'t> {
+    Global(&'t CudaSlice<u32>),
+    Local(CudaSlice<u32>),
+}
+
+/// Splits a batch into passes, one per variant with active rows; the first
+/// pass is the fused one (see the module docs).
+fn passes<'t>(
+    gpu: &Gpu,
+    table: &'t ExpertTable,
+    rows: &'t DeviceRows,
+) -> Result<Vec<Pass<'t>>, OpsError> {
+    let mut active: Vec<usize> = rows
+        .rows()
+        .iter()
+        .flatten()
+        .map(|&e| table.place[e as usize].0)
+        .collect();
+    active.sort_unstable();
+    active.dedup();
+    if table.tables.len() <= 1 {
+        // Global numbering is the table's numbering.
+        let t = table.tables.first();
+        return Ok(vec![Pass {
+            variant: t.map_or(Variant::base_only(), |t| t.variant),
+            table: t,
+            rows: RowIds::Global(rows.ids()),
+        }]);
+    }
+    if active.is_empty() {
+        let no_rows = vec![NO_EXPERT; rows.batch()];
+        return Ok(vec![Pass {
+            variant: Variant::base_only(),
+            table: None,
+            rows: RowIds::Local(upload(gpu, &no_rows)?),
+        }]);
+    }
+    active
+        .into_iter()
+        .map(|t| {
+            let ids: Vec<u32> = rows
+                .rows()
+                .iter()
+                .map(|e| match e.map(|e| table.place[e as usize]) {
+                    Some((vt, local)) if vt == t => local,
+                    _ => NO_EXPERT,
+                })
+                .collect();
+            Ok(Pass {
+                variant: table.tables[t].variant,
+                table: Some(&table.tables[t]),
+                rows: RowIds::Local(upload(gpu, &ids)?),
+            })
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_gemv(
+    gpu: &Gpu,
+    kernel: &str,
+    base: u64,
+    pass: &Pass,
+    x: u64,
+    y: u64,
+    out_features: usize,
+    in_features: usize,
+    batch: usize,
+) -> Result<(), OpsError> {
+    let func = gpu.function(kernel)?;
+    let rows = match &pass.rows {
+        RowIds::Global(ids) => addr(gpu, ids),
+        RowIds::Local(ids) => addr(gpu, ids),
+    };
+    // No table (no row has an expert): the header lets `experts` be anything
+    // when n_experts = 0, since every row is then treated as NO_EXPERT.
+    let (experts, n_experts) = pass
+        .table
+        .map_or((0, 0), |t| (addr(gpu, &t.descriptors), t.n));
+    for b0 in (0..batch).step_by(MAX_BATCH) {
+        let rows_here = MAX_BATCH.min(batch - b0);
+        let params = Param(abi::MeswitchGemvParams {
+            base,
+            experts,
+            row_expert: rows + b0 as u64 * U32_BYTES,
+            x: x + (b0 * in_features) as u64 * F16_BYTES,
+            y: y + (b0 * out_features) as u64 * F16_BYTES,
+            out_features: out_features as u32,
+            in_features: in_features as u32,
+            batch: rows_here as u32,
+            n_experts,
+        });
+        // SAFETY: every address points into a live allocation of the length
+        // the kernel derives from these dims (checked by the caller), row ids
+        // are < n_experts or NO_EXPERT, in_features % K_CHUNK == 0 and
+        // 1 <= batch <= MAX_BATCH as the header requires.
+        unsafe {
+            gpu.stream()
+                .launch_builder(&func)
+                .arg(&params)
+                .launch(gemv_config(out_features))
+        }
+        .during("GEMV kernel launch")?;
+    }
+    Ok(())
 }
 
 pub(crate) fn multi_expert_gemv(
-    _gpu: &Gpu,
-    _base: &DeviceBase,
+    gpu: &Gpu,
+    base: &DeviceBase,
     experts: &DeviceExperts,
-    _x: &CudaSlice<f16>,
+    x: &CudaSlice<f16>,
     rows: &DeviceRows,
-    _y: &mut CudaSlice<f16>,
+    y: &mut CudaSlice<f16>,
 ) -> Result<(), OpsError> {
-    let _ = (experts.table(), rows.ids());
-    Err(not_yet())
+    let (o, i) = (base.out_features, base.in_features);
+    if i % K_CHUNK != 0 {
+        return unaligned_gemv(gpu, Some(base), o, i, experts, x, rows, y);
+    }
+    let (base_ptr, x_ptr, y_ptr) = (addr(gpu, &base.weights), addr(gpu, x), addr_mut(gpu, y));
+    for (k, pass) in passes(gpu, experts.table(), rows)?.iter().enumerate() {
+        let kernel = if k == 0 {
+            pass.variant.fused_kernel()
+        } else {
+            pass.variant.delta_kernel()
+        };
+        launch_gemv(
+            gpu,
+            &kernel,
+            base_ptr,
+            pass,
+            x_ptr,
+            y_ptr,
+            o,
+            i,
+            rows.batch(),
+        )?;
+    }
+    Ok(())
 }
 
 pub(crate) fn delta_gemv_accumulate(
-    _gpu: &Gpu,
-    _out_features: usize,
-    _in_features: usize,
+    gpu: &Gpu,
+    out_features: usize,
+    in_features: usize,
     experts: &DeviceExperts,
-    _x: &CudaSlice<f16>,
+    x: &CudaSlice<f16>,
     rows: &DeviceRows,
-    _y: &mut CudaSlice<f16>,
+    y: &mut CudaSlice<f16>,
 ) -> Result<(), OpsError> {
-    let _ = (experts.table(), rows.ids());
-    Err(not_yet())
+    if in_features % K_CHUNK != 0 {
+        return unaligned_gemv(gpu, None, out_features, in_features, experts, x, rows, y);
+    }
+    let (x_ptr, y_ptr) = (addr(gpu, x), addr_mut(gpu, y));
+    for pass in passes(gpu, experts.table(), rows)?
+        .iter()
+        .filter(|p| p.table.is_some())
+    {
+        let kernel = pass.variant.delta_kernel();
+        // The delta kernel ignores `base` (the header allows 0).
+        launch_gemv(
+            gpu,
+            &kernel,
+            0,
+            pass,
+            x_ptr,
+            y_ptr,
+            out_features,
+            in_features,
+            rows.batch(),
+        )?;
+    }
+    Ok(())
 }
 
+/// Dense Δ̂ or `W_base + Δ̂` of one delta into `out` (one launch).
 pub(crate) fn dequantize(
-    _gpu: &Gpu,
-    _delta: &DeviceDelta,
-    _base: Option<&DeviceBase>,
-    _out: &mut CudaSlice<f16>,
+    gpu: &Gpu,
+    delta: &DeviceDelta,
+    base: Option<&DeviceBase>,
+    out: &mut CudaSlice<f16>,
 ) -> Result<(), OpsError> {
-    Err(not_yet())
+    let l = &delta.layout;
+    let func = gpu.function(&dequant_kernel(l.bits))?;
+    let params = Param(abi::MeswitchDequantParams {
+        delta: descriptor(gpu, delta),
+        base: base.map_or(0, |b| addr(gpu, &b.weights)),
+        out: addr_mut(gpu, out),
+        out_features: l.out_features as u32,
+        in_features: l.in_features as u32,
+        group_size: l.group_size as u32,
+        reserved: 0,
+    });
+    // SAFETY: the delta was validated at upload, `out` (and `base`) hold
+    // out·in elements (checked by the caller).
+    unsafe {
+        gpu.stream()
+            .launch_builder(&func)
+            .arg(&params)
+            .launch(dequant_config(l.out_features))
+    }
+    .map(|_| ())
+    .during("dequantize kernel launch")
+}
+
+/// GEMV for `in_features` that the GEMV kernels cannot take (not a multiple
+/// of `K_CHUNK`): cuBLAS for the base over the whole batch, then per active
+/// expert one dequantize launch into a scratch matrix and one cuBLAS GEMM
+/// accumulating into each run of consecutive rows that use it. Needs cuBLAS.
+/// Rows with an expert are rounded to FP16 twice (after the base and after
+/// the delta), within the tolerance the tests state.
+#[allow(clippy::too_many_arguments)]
+fn unaligned_gemv(
+    gpu: &Gpu,
+    base: Option<&DeviceBase>,
+    o: usize,
+    i: usize,
+    experts: &DeviceExperts,
+    x: &CudaSlice<f16>,
+    rows: &DeviceRows,
+    y: &mut CudaSlice<f16>,
+) -> Result<(), OpsError> {
+    gpu.blas()?;
+    let batch = rows.batch();
+    if let Some(base) = base {
+        linear_f16(gpu, &base.weights, o, i, x, batch, y, false)?;
+    }
+    let active = rows.active_experts();
+    if active.is_empty() {
+        return Ok(());
+    }
+    let mut scratch: CudaSlice<f16> = gpu
+        .stream()
+        .alloc_zeros(o * i)
+        .during("allocating dequantize scratch")?;
+    for e in active {
+        dequantize(gpu, experts.delta(e as usize), None, &mut scratch)?;
+        let mut b = 0;
+        while b < batch {
+            if rows.rows()[b] != Some(e) {
+                b += 1;
+                continue;
+            }
+            let start = b;
+            while b < batch && rows.rows()[b] == Some(e) {
+                b += 1;
+            }
+            linear_f16(
+                gpu,
+                &scratch,
+                o,
+                i,
+                &x.slice(start * i..b * i),
+                b - start,
+                &mut y.slice_mut(start * o..b * o),
+                true,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(bits: Bits, group: usize, in_features: usize) -> DeltaLayout {
+        DeltaLayout::new(8, in_features, bits, group, 0).unwrap()
+    }
+
+    #[test]
+    fn kernel_names_follow_the_header() {
+        let v = Variant::of(&layout(Bits::Four, 128, 4096)).unwrap();
+        assert_eq!(v.fused_kernel(), "meswitch_multi_expert_gemv_b4_g128");
+        assert_eq!(v.delta_kernel(), "meswitch_delta_gemv_b4_g128");
+        let row = Variant::of(&layout(Bits::Two, 4096, 4096)).unwrap();
+        assert_eq!(row.delta_kernel(), "meswitch_delta_gemv_b2_grow");
+        assert_eq!(dequant_kernel(Bits::One), "meswitch_dequantize_b1");
+    }
+
+    #[test]
+    fn every_layout_group_has_a_variant() {
+        for bits in Bits::ALL {
+            for &g in meswitch_reference::layout::GROUP_SIZES.iter() {
+                let v = Variant::of(&layout(bits, g, 4096)).unwrap();
+                assert_eq!(v.group, Group::Size(g as u32));
+            }
+            // A group as large as the row is the row variant.
+            assert_eq!(
+                Variant::of(&layout(bits, 128, 128)).unwrap().group,
+                Group::Row
+            );
+        }
+    }
+
+    #[test]
+    fn launch_grids_cover_every_output_row() {
+        for out in [1usize, 15, 16, 17, 4096, 14336] {
+            let g = gemv_config(out);
+            let rows = abi::MESWITCH_GEMV_ROWS_PER_BLOCK as usize;
+            assert!(g.grid_dim.0 as usize * rows >= out);
+            assert!((g.grid_dim.0 as usize - 1) * rows < out);
+            assert_eq!(g.block_dim.0, abi::MESWITCH_GEMV_THREADS);
+            assert_eq!(dequant_config(out).grid_dim.0 as usize, out);
+        }
+    }
 }
