@@ -301,24 +301,36 @@ impl Case {
     /// `with_base = false` for the delta-only kernel.
     fn magnitudes(&self, with_base: bool) -> Vec<f64> {
         let (o, n) = (self.out_features, self.in_features);
+        let x_abs: Vec<f64> = self.x.iter().map(|v| f64::from(v.to_f32().abs())).collect();
+        let dot = |a: &[f64], b: usize| -> f64 {
+            a.iter()
+                .zip(&x_abs[b * n..(b + 1) * n])
+                .map(|(a, x)| a * x)
+                .sum()
+        };
+        let mut active: Vec<u32> = self.rows.iter().flatten().copied().collect();
+        active.sort_unstable();
+        active.dedup();
         let mut m = vec![0f64; self.batch() * o];
-        for (b, e) in self.rows.iter().enumerate() {
-            let x = &self.x[b * n..(b + 1) * n];
-            for r in 0..o {
-                let mut a = vec![0f64; n];
-                if with_base {
-                    for (ai, w) in a.iter_mut().zip(&self.base[r * n..(r + 1) * n]) {
-                        *ai += f64::from(w.to_f32().abs());
-                    }
-                }
-                if let Some(e) = e {
-                    expert_magnitude_row(&self.experts[*e as usize].view(), r, &mut a);
-                }
-                m[b * o + r] = a
+        // Row by row, each active expert's magnitudes once per output row.
+        let mut expert_rows = vec![vec![0f64; n]; self.experts.len()];
+        for r in 0..o {
+            let base_row: Vec<f64> = if with_base {
+                self.base[r * n..(r + 1) * n]
                     .iter()
-                    .zip(x)
-                    .map(|(a, x)| a * f64::from(x.to_f32().abs()))
-                    .sum();
+                    .map(|w| f64::from(w.to_f32().abs()))
+                    .collect()
+            } else {
+                vec![0.0; n]
+            };
+            for &e in &active {
+                let a = &mut expert_rows[e as usize];
+                a.fill(0.0);
+                expert_magnitude_row(&self.experts[e as usize].view(), r, a);
+            }
+            for (b, e) in self.rows.iter().enumerate() {
+                m[b * o + r] =
+                    dot(&base_row, b) + e.map_or(0.0, |e| dot(&expert_rows[e as usize], b));
             }
         }
         m
@@ -417,6 +429,15 @@ fn upload_case(gpu: &Gpu, case: &Case) -> (DeviceBase, Vec<DeviceDelta>) {
     (base, experts)
 }
 
+/// Cases per GPU proptest: `MESWITCH_GPU_PROPTEST_CASES`, default 64 (a
+/// GPU session has minutes, and every case also runs the CPU reference).
+fn proptest_cases() -> u32 {
+    std::env::var("MESWITCH_GPU_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+}
+
 /// Input widths the GEMV kernels take: multiples of their K chunk.
 const K_CHUNK: usize = 128;
 
@@ -443,7 +464,7 @@ fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: proptest_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn fused_multi_expert_gemv_matches_reference(
@@ -786,4 +807,30 @@ fn case_clone(case: &Case) -> Case {
         x: case.x.clone(),
         rows: case.rows.clone(),
     }
+}
+
+/// The heaviest proptest case's CPU side (generation, reference, bound),
+/// so a GPU session's time can be planned; also exercises the harness on
+/// the largest shapes without a device.
+#[test]
+fn harness_on_the_largest_case() {
+    let mut rng = StdRng::seed_from_u64(77);
+    let case = Case::random(
+        &mut rng,
+        333,
+        4096,
+        Bits::Four,
+        32,
+        MAX_TEST_EXPERTS,
+        MAX_TEST_BATCH,
+        RowMix::EveryRowDifferent,
+    );
+    let mut y = vec![f16::ZERO; case.batch() * case.out_features];
+    reference::multi_expert_gemv(&case.base(), &case.views(), &case.x, &case.rows, &mut y).unwrap();
+    case.assert_close(&y, None, "reference vs itself");
+    assert!(rejects(&case, &{
+        let mut bad = y.clone();
+        bad[case.out_features * 5 + 7] = POISON;
+        bad
+    }));
 }
