@@ -1,3 +1,7 @@
 //! meswitch-server: checkpoints, the compression pipeline, and (later) the
 //! model runtime, router and HTTP server.
 pub mod router;
+pub mod chat;
+pub mod gguf;
+pub mod testdata;
+pub mod tokenizer;

@@ -1,0 +1,131 @@
+//! Tokenizers against independent references: llama.cpp ids for SmolLM2 (GGUF tokenizer), and
+//! SentencePiece-checked ids for Mistral's tokenizer.json.
+
+use meswitch_server::gguf::GgufFile;
+use meswitch_server::testdata;
+use meswitch_server::tokenizer::Tokenizer;
+use serde_json::Value;
+
+fn jsonl(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn smollm2() -> Option<Tokenizer> {
+    let path = testdata::require("SmolLM2 GGUF", testdata::smollm2_gguf())?;
+    Some(Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap())
+}
+
+#[test]
+fn smollm2_matches_llama_cpp_on_every_golden() {
+    let Some(tok) = smollm2() else { return };
+    let dir = testdata::require("shared/data/smollm2", testdata::smollm2_dir()).expect("goldens");
+    assert!(!tok.add_bos());
+    assert_eq!(tok.bos_id(), Some(1));
+    assert_eq!(tok.vocab_size(), 49152);
+    assert!(
+        tok.eos_ids().contains(&2) && tok.eos_ids().contains(&0),
+        "{:?}",
+        tok.eos_ids()
+    );
+    let goldens = jsonl(&dir.join("tokenizer_goldens.jsonl"));
+    assert_eq!(goldens.len(), 27);
+    let mut failures = vec![];
+    for g in &goldens {
+        let text = g["text"].as_str().unwrap();
+        let got = tok.encode(text, true).unwrap();
+        if got != ids(&g["ids"]) {
+            failures.push(format!(
+                "{} parse_special: got {got:?} want {}",
+                g["id"], g["ids"]
+            ));
+        }
+        let got = tok.encode(text, false).unwrap();
+        if got != ids(&g["ids_no_parse_special"]) {
+            failures.push(format!(
+                "{} no_parse_special: got {got:?} want {}",
+                g["id"], g["ids_no_parse_special"]
+            ));
+        }
+        // Decoding with special tokens shown gives the text back exactly.
+        assert_eq!(
+            tok.decode(&ids(&g["ids"]), false).unwrap(),
+            text,
+            "decode {}",
+            g["id"]
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn smollm2_generation_prompts_and_skip_special() {
+    let Some(tok) = smollm2() else { return };
+    let dir = testdata::smollm2_dir().expect("goldens");
+    for g in jsonl(&dir.join("generation_goldens.jsonl")) {
+        let prompt = g["prompt"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(prompt, true).unwrap(),
+            ids(&g["prompt_ids"]),
+            "prompt {}",
+            g["id"]
+        );
+        let gen = ids(&g["generated_ids"]);
+        assert_eq!(
+            tok.decode(&gen, true).unwrap(),
+            g["generated_text"].as_str().unwrap(),
+            "gen {}",
+            g["id"]
+        );
+        assert_eq!(
+            tok.decode(&gen, false).unwrap(),
+            g["generated_text_special"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn mistral_tokenizer_json_matches_sentencepiece() {
+    let Some(dir) = testdata::require(
+        "shared/data/mistral",
+        testdata::shared_data_dir()
+            .map(|d| d.join("mistral"))
+            .filter(|d| d.is_dir()),
+    ) else {
+        return;
+    };
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    assert!(tok.add_bos());
+    assert_eq!(tok.bos_id(), Some(1));
+    assert_eq!(tok.eos_ids(), &[2]);
+    let checks = jsonl(&dir.join("tokenizer_check.jsonl"));
+    assert_eq!(checks.len(), 36);
+    for c in &checks {
+        let text = c["text"].as_str().unwrap();
+        let want = ids(&c["ids"]);
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{:?}", c["category"]);
+        assert_eq!(
+            tok.decode(&want, true).unwrap(),
+            text,
+            "decode {:?}",
+            c["category"]
+        );
+    }
+}
+
+#[test]
+fn decode_rejects_out_of_range_ids() {
+    let Some(tok) = smollm2() else { return };
+    assert!(tok.decode(&[49152], false).is_err());
+}
