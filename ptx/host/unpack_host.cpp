@@ -1,0 +1,285 @@
+// unpack_host.cpp: host C++ build of the kernels' shared helpers
+// (kernels/delta_unpack.cuh, compiled without __CUDACC__) behind extern "C"
+// functions, for the Rust tests in ptx/tests/ to compare with
+// meswitch-reference. Built by ptx/build.rs with -ffp-contract=off.
+//
+// meswitch_host_gemv is a host emulation of gemv_core.cuh: the same lane
+// geometry, code conversion, x re-pairing and fragment assembly, with the
+// mma.m16n8k16 instruction replaced by an emulator that follows the PTX ISA
+// fragment layout. It checks the part of the kernel most likely to be wrong
+// (which column meets which weight inside the mma) without a GPU. It cannot
+// check the instruction itself, the memory system, or the compiler.
+#include <math.h>
+#include <string.h>
+
+#include <vector>
+
+#include "delta_unpack.cuh"
+
+namespace {
+
+// IEEE binary16 <-> binary32, round to nearest even (what __float2half_rn does).
+float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    float v;
+    if (exp == 0) {
+        v = ldexpf((float)man, -24);  // subnormal (or zero)
+    } else if (exp == 31) {
+        v = man ? NAN : INFINITY;
+    } else {
+        v = ldexpf((float)(man | 0x400), (int)exp - 25);
+    }
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    bits |= sign;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    float a = fabsf(f);
+    if (isnan(f)) return sign | 0x7E00;
+    if (a >= 65520.0f) return sign | 0x7C00;  // rounds to infinity
+    if (a < ldexpf(1.0f, -14)) {
+        // Subnormal range: the value in units of 2^-24, rounded to nearest even.
+        float units = a * 16777216.0f;  // exact: power-of-two scaling
+        return sign | (uint16_t)nearbyintf(units);
+    }
+    int e;
+    frexpf(a, &e);  // a = m·2^e, m in [0.5, 1)
+    float scaled = ldexpf(a, 11 - e);  // 11 significant bits in [1024, 2048)
+    uint32_t m = (uint32_t)nearbyintf(scaled);
+    if (m == 2048) { m = 1024; e += 1; }
+    uint32_t exp = (uint32_t)(e - 1 + 15);
+    if (exp >= 31) return sign | 0x7C00;
+    return sign | (uint16_t)((exp << 10) | (m & 0x3FF));
+}
+
+float lo_half(uint32_t r) { return half_to_float((uint16_t)(r & 0xFFFF)); }
+float hi_half(uint32_t r) { return half_to_float((uint16_t)(r >> 16)); }
+
+// mma.m16n8k16.row.col f32 += f16·f16 over a warp, fragment layout as in
+// gemv_core.cuh (lane = 4g + t).
+void mma_emulate(float c[32][4], const uint32_t a[32][4], const uint32_t b[32][2]) {
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        int g = lane / 4, t = lane % 4;
+        A[g][2 * t] = lo_half(a[lane][0]);
+        A[g][2 * t + 1] = hi_half(a[lane][0]);
+        A[g + 8][2 * t] = lo_half(a[lane][1]);
+        A[g + 8][2 * t + 1] = hi_half(a[lane][1]);
+        A[g][2 * t + 8] = lo_half(a[lane][2]);
+        A[g][2 * t + 9] = hi_half(a[lane][2]);
+        A[g + 8][2 * t + 8] = lo_half(a[lane][3]);
+        A[g + 8][2 * t + 9] = hi_half(a[lane][3]);
+        B[2 * t][g] = lo_half(b[lane][0]);
+        B[2 * t + 1][g] = hi_half(b[lane][0]);
+        B[2 * t + 8][g] = lo_half(b[lane][1]);
+        B[2 * t + 9][g] = hi_half(b[lane][1]);
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+        int g = lane / 4, t = lane % 4;
+        for (int i = 0; i < 4; ++i) {
+            int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+            double s = 0;
+            for (int k = 0; k < 16; ++k) s += (double)A[row][k] * (double)B[k][col];
+            c[lane][i] += (float)s;
+        }
+    }
+}
+
+// __hfma2(q, scale, offset) on each half after removing the 1024 bias:
+// one rounding of the exact q·scale + offset.
+uint32_t dequant_half2(uint32_t magic, uint16_t scale, uint16_t offset) {
+    float s = half_to_float(scale), o = half_to_float(offset);
+    float qa = lo_half(magic) - 1024.0f, qb = hi_half(magic) - 1024.0f;
+    uint16_t va = float_to_half((float)((double)qa * s + o));
+    uint16_t vb = float_to_half((float)((double)qb * s + o));
+    return (uint32_t)va | ((uint32_t)vb << 16);
+}
+
+void load4(const uint16_t* p, uint32_t v[4]) { memcpy(v, p, 16); }
+
+}  // namespace
+
+extern "C" {
+
+uint32_t meswitch_host_unpack_code(const uint32_t* row_words, uint32_t col, uint32_t bits) {
+    return meswitch_unpack_code(row_words, col, bits);
+}
+
+uint32_t meswitch_host_words_per_row(uint32_t in_features, uint32_t bits) {
+    return meswitch_words_per_row(in_features, bits);
+}
+
+uint32_t meswitch_host_octet_field(const uint32_t* lane_words, uint32_t q, uint32_t bits) {
+    return meswitch_octet_field(lane_words, q, bits);
+}
+
+void meswitch_host_octet_to_half2x4(uint32_t field, uint32_t bits, uint32_t out[4]) {
+    meswitch_octet_to_half2x4(field, bits, out);
+}
+
+void meswitch_host_pair_x_octet(const uint32_t x[4], uint32_t out[4]) { meswitch_pair_x_octet(x, out); }
+
+uint32_t meswitch_host_prmt(uint32_t a, uint32_t b, uint32_t sel) { return meswitch_prmt(a, b, sel); }
+
+uint16_t meswitch_host_float_to_half(float f) { return float_to_half(f); }
+
+// One row of Δ̂ in f32, as the dequantize kernel computes it (before the
+// base add and the FP16 rounding): the same helpers, the same order.
+void meswitch_host_dequantize_row(const MeswitchExpertDelta* d, uint32_t r, uint32_t in_features, uint32_t bits,
+                                  uint32_t group_size, float* out) {
+    const uint32_t n_groups = meswitch_n_groups(in_features, group_size);
+    const uint32_t* words = (const uint32_t*)d->codes + (size_t)r * meswitch_words_per_row(in_features, bits);
+    const uint16_t* scales = (const uint16_t*)d->scales;
+    const uint16_t* offsets = (const uint16_t*)d->offsets;
+    for (uint32_t c = 0; c < in_features; ++c) {
+        size_t gi = (size_t)r * n_groups + c / group_size;
+        out[c] = meswitch_dequant_f32(half_to_float(scales[gi]), half_to_float(offsets[gi]),
+                                      meswitch_unpack_code(words, c, bits));
+    }
+    const uint32_t* sidx = (const uint32_t*)d->salient_index;
+    const uint16_t* sval = (const uint16_t*)d->salient_values + (size_t)r * d->n_salient;
+    for (uint32_t i = 0; i < d->n_salient; ++i) out[sidx[i]] += half_to_float(sval[i]);
+}
+
+// Host emulation of meswitch_gemv_core<bits, group, with_base> over the whole
+// grid; the addresses in *p are host pointers. Returns 0, or 1 when the shape
+// is outside what the kernel accepts.
+int meswitch_host_gemv(const MeswitchGemvParams* p, uint32_t bits, uint32_t group, int with_base) {
+    const uint32_t out = p->out_features, in = p->in_features, batch = p->batch;
+    if (in % MESWITCH_GEMV_K_CHUNK != 0 || batch == 0 || batch > MESWITCH_MAX_BATCH || out == 0) return 1;
+    const uint32_t* row_expert = (const uint32_t*)p->row_expert;
+    const MeswitchExpertDelta* experts = (const MeswitchExpertDelta*)p->experts;
+    const uint16_t* x = (const uint16_t*)p->x;
+    const uint16_t* base = (const uint16_t*)p->base;
+    uint16_t* y = (uint16_t*)p->y;
+
+    // Active experts and their row masks (thread 0 of every block).
+    std::vector<uint32_t> active;
+    std::vector<unsigned long long> rows;
+    for (uint32_t b = 0; b < batch; ++b) {
+        uint32_t e = row_expert[b];
+        if (e >= p->n_experts) continue;
+        size_t i = 0;
+        while (i < active.size() && active[i] != e) ++i;
+        if (i == active.size()) { active.push_back(e); rows.push_back(0); }
+        rows[i] |= 1ull << b;
+    }
+    const uint32_t n_tiles = (batch + 7) / 8, n_chunks = in / MESWITCH_GEMV_K_CHUNK;
+    const uint32_t words_per_row = in * bits / 32, n_groups = group == MESWITCH_GROUP_ROW ? 1 : in / group;
+    const uint32_t n_blocks = (out + MESWITCH_GEMV_ROWS_PER_BLOCK - 1) / MESWITCH_GEMV_ROWS_PER_BLOCK;
+
+    // Per call, not static: the Rust tests call this from several threads.
+    std::vector<float> part_store(MESWITCH_GEMV_WARPS * 16 * MESWITCH_MAX_BATCH);
+    float (*s_part)[16][MESWITCH_MAX_BATCH] = (float (*)[16][MESWITCH_MAX_BATCH])part_store.data();
+    for (uint32_t blk = 0; blk < n_blocks; ++blk) {
+        const uint32_t r0 = blk * MESWITCH_GEMV_ROWS_PER_BLOCK;
+        for (uint32_t warp = 0; warp < MESWITCH_GEMV_WARPS; ++warp) {
+            float acc[8][32][4] = {};
+            for (uint32_t chunk = warp; chunk < n_chunks; chunk += MESWITCH_GEMV_WARPS) {
+                if (with_base) {
+                    for (uint32_t q = 0; q < 4; ++q) {
+                        for (uint32_t nt = 0; nt < n_tiles; ++nt) {
+                            uint32_t a[2][32][4], bb[2][32][2];
+                            for (uint32_t lane = 0; lane < 32; ++lane) {
+                                uint32_t g = lane / 4, t = lane % 4;
+                                uint32_t r_lo = r0 + g < out ? r0 + g : out - 1;
+                                uint32_t r_hi = r0 + g + 8 < out ? r0 + g + 8 : out - 1;
+                                uint32_t c = chunk * 128 + 32 * t + 8 * q, b = nt * 8 + g;
+                                uint32_t lo[4], hi[4], xv[4] = {0, 0, 0, 0};
+                                load4(base + (size_t)r_lo * in + c, lo);
+                                load4(base + (size_t)r_hi * in + c, hi);
+                                if (b < batch) load4(x + (size_t)b * in + c, xv);
+                                uint32_t a0[4] = {lo[0], hi[0], lo[1], hi[1]}, a1[4] = {lo[2], hi[2], lo[3], hi[3]};
+                                memcpy(a[0][lane], a0, 16); memcpy(a[1][lane], a1, 16);
+                                bb[0][lane][0] = xv[0]; bb[0][lane][1] = xv[1];
+                                bb[1][lane][0] = xv[2]; bb[1][lane][1] = xv[3];
+                            }
+                            mma_emulate(acc[nt], a[0], bb[0]);
+                            mma_emulate(acc[nt], a[1], bb[1]);
+                        }
+                    }
+                }
+                for (size_t i = 0; i < active.size(); ++i) {
+                    const MeswitchExpertDelta& d = experts[active[i]];
+                    for (uint32_t q = 0; q < 4; ++q) {
+                        for (uint32_t nt = 0; nt < n_tiles; ++nt) {
+                            if (((rows[i] >> (nt * 8)) & 0xFF) == 0) continue;
+                            uint32_t a[2][32][4], bb[2][32][2];
+                            for (uint32_t lane = 0; lane < 32; ++lane) {
+                                uint32_t g = lane / 4, t = lane % 4;
+                                uint32_t r_lo = r0 + g < out ? r0 + g : out - 1;
+                                uint32_t r_hi = r0 + g + 8 < out ? r0 + g + 8 : out - 1;
+                                uint32_t col0 = chunk * 128 + 32 * t, c = col0 + 8 * q, b = nt * 8 + g;
+                                uint32_t grp = meswitch_lane_group(chunk, t, group);
+                                const uint16_t* sc = (const uint16_t*)d.scales;
+                                const uint16_t* of = (const uint16_t*)d.offsets;
+                                const uint32_t* codes = (const uint32_t*)d.codes;
+                                uint32_t w_lo[4] = {0, 0, 0, 0}, w_hi[4] = {0, 0, 0, 0};
+                                memcpy(w_lo, codes + (size_t)r_lo * words_per_row + col0 * bits / 32, 4 * bits);
+                                memcpy(w_hi, codes + (size_t)r_hi * words_per_row + col0 * bits / 32, 4 * bits);
+                                uint32_t a_lo[4], a_hi[4];
+                                meswitch_octet_to_half2x4(meswitch_octet_field(w_lo, q, bits), bits, a_lo);
+                                meswitch_octet_to_half2x4(meswitch_octet_field(w_hi, q, bits), bits, a_hi);
+                                for (int j = 0; j < 4; ++j) {
+                                    a_lo[j] = dequant_half2(a_lo[j], sc[(size_t)r_lo * n_groups + grp],
+                                                            of[(size_t)r_lo * n_groups + grp]);
+                                    a_hi[j] = dequant_half2(a_hi[j], sc[(size_t)r_hi * n_groups + grp],
+                                                            of[(size_t)r_hi * n_groups + grp]);
+                                }
+                                uint32_t xv[4] = {0, 0, 0, 0}, xp[4];
+                                if ((rows[i] >> b) & 1ull) load4(x + (size_t)b * in + c, xv);
+                                meswitch_pair_x_octet(xv, xp);
+                                uint32_t a0[4] = {a_lo[0], a_hi[0], a_lo[1], a_hi[1]};
+                                uint32_t a1[4] = {a_lo[2], a_hi[2], a_lo[3], a_hi[3]};
+                                memcpy(a[0][lane], a0, 16); memcpy(a[1][lane], a1, 16);
+                                bb[0][lane][0] = xp[0]; bb[0][lane][1] = xp[1];
+                                bb[1][lane][0] = xp[2]; bb[1][lane][1] = xp[3];
+                            }
+                            mma_emulate(acc[nt], a[0], bb[0]);
+                            mma_emulate(acc[nt], a[1], bb[1]);
+                        }
+                    }
+                }
+            }
+            for (uint32_t nt = 0; nt < n_tiles; ++nt) {
+                for (uint32_t lane = 0; lane < 32; ++lane) {
+                    uint32_t g = lane / 4, t = lane % 4, b = nt * 8 + 2 * t;
+                    s_part[warp][g][b] = acc[nt][lane][0];
+                    s_part[warp][g][b + 1] = acc[nt][lane][1];
+                    s_part[warp][g + 8][b] = acc[nt][lane][2];
+                    s_part[warp][g + 8][b + 1] = acc[nt][lane][3];
+                }
+            }
+        }
+        for (uint32_t idx = 0; idx < 16 * batch; ++idx) {
+            uint32_t m = idx % 16, b = idx / 16, r = r0 + m;
+            if (r >= out) continue;
+            float sum = 0.f;
+            for (uint32_t w = 0; w < MESWITCH_GEMV_WARPS; ++w) sum += s_part[w][m][b];
+            uint32_t e = row_expert[b];
+            bool has_expert = e < p->n_experts;
+            if (has_expert) {
+                const MeswitchExpertDelta& d = experts[e];
+                const uint32_t* sidx = (const uint32_t*)d.salient_index;
+                const uint16_t* sval = (const uint16_t*)d.salient_values + (size_t)r * d.n_salient;
+                for (uint32_t i = 0; i < d.n_salient; ++i)
+                    sum += half_to_float(sval[i]) * half_to_float(x[(size_t)b * in + sidx[i]]);
+            }
+            uint16_t* dst = y + (size_t)b * out + r;
+            if (with_base) {
+                *dst = float_to_half(sum);
+            } else if (has_expert) {
+                *dst = float_to_half(half_to_float(*dst) + sum);
+            }
+        }
+    }
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,86 @@
+//! The ABI header's constants agree with the packed layout defined in
+//! meswitch-reference (the single source), and the embedded PTX holds every
+//! entry point the naming functions produce.
+
+use meswitch_ptx::abi::*;
+use meswitch_ptx::{delta_gemv_entry, dequantize_entry, multi_expert_gemv_entry, MODULES};
+use meswitch_reference::layout::{Bits, GROUP_SIZES};
+
+#[test]
+fn bit_widths_and_codes_per_word_match_reference() {
+    let header = [MESWITCH_BITS_1, MESWITCH_BITS_2, MESWITCH_BITS_4];
+    for (bits, h) in Bits::ALL.into_iter().zip(header) {
+        assert_eq!(bits.count(), h);
+        assert_eq!(bits.codes_per_word(), (MESWITCH_WORD_BITS / h) as usize);
+    }
+}
+
+#[test]
+fn group_sizes_match_reference() {
+    assert_eq!(
+        GROUP_SIZES.to_vec(),
+        vec![
+            MESWITCH_GROUP_32 as usize,
+            MESWITCH_GROUP_64 as usize,
+            MESWITCH_GROUP_128 as usize
+        ]
+    );
+    // The "whole row" tag can never be mistaken for a real group size.
+    assert!(!GROUP_SIZES.contains(&(MESWITCH_GROUP_ROW as usize)));
+}
+
+#[test]
+fn gemv_tiling_is_consistent() {
+    assert_eq!(MESWITCH_NO_EXPERT, u32::MAX);
+    assert_eq!(MESWITCH_MAX_BATCH, 64);
+    // A block is one m16n8k16 M tile; batch rows fill whole n-tiles of 8 and
+    // one u64 row mask per expert (so at most 64).
+    assert_eq!(MESWITCH_GEMV_ROWS_PER_BLOCK, 16);
+    assert_eq!(MESWITCH_GEMV_BATCH_TILE, 8);
+    assert_eq!(MESWITCH_MAX_BATCH % MESWITCH_GEMV_BATCH_TILE, 0);
+    assert_eq!(MESWITCH_GEMV_THREADS, 32 * MESWITCH_GEMV_WARPS);
+    // A K chunk is 4 lanes x 32 columns; 32 columns are whole words for every
+    // bit width and never straddle a group.
+    assert_eq!(MESWITCH_GEMV_K_CHUNK, 4 * 32);
+    for g in GROUP_SIZES {
+        assert_eq!(g % 32, 0);
+    }
+    for bits in Bits::ALL {
+        assert_eq!((32 * bits.count()) % MESWITCH_WORD_BITS, 0);
+    }
+}
+
+#[test]
+fn every_entry_point_is_in_its_module() {
+    let module = |name: &str| MODULES.iter().find(|m| m.name == name).unwrap().ptx;
+    let has_entry = |ptx: &str, entry: &str| ptx.contains(&format!(".entry {entry}("));
+    for bits in [1, 2, 4] {
+        for (group, in_features) in [(32, 4096), (64, 4096), (128, 4096), (4096, 4096)] {
+            let e = multi_expert_gemv_entry(bits, group, in_features).unwrap();
+            assert!(has_entry(module("multi_expert_gemv"), &e), "{e}");
+            let e = delta_gemv_entry(bits, group, in_features).unwrap();
+            assert!(has_entry(module("delta_gemv"), &e), "{e}");
+        }
+        let e = dequantize_entry(bits).unwrap();
+        assert!(has_entry(module("dequantize"), &e), "{e}");
+    }
+    assert_eq!(multi_expert_gemv_entry(3, 128, 4096), None);
+    assert_eq!(multi_expert_gemv_entry(4, 96, 4096), None);
+    assert_eq!(dequantize_entry(8), None);
+    let names: Vec<&str> = MODULES.iter().map(|m| m.name).collect();
+    let c_str = |n: &'static [u8]| std::str::from_utf8(&n[..n.len() - 1]).unwrap();
+    let header_names = [
+        c_str(MESWITCH_MODULE_MULTI_EXPERT_GEMV),
+        c_str(MESWITCH_MODULE_DELTA_GEMV),
+        c_str(MESWITCH_MODULE_DEQUANTIZE),
+    ];
+    assert_eq!(names, header_names);
+}
+
+#[test]
+fn ptx_targets_compute_80() {
+    for m in MODULES {
+        assert!(m.ptx.contains(".target sm_80"), "{}", m.name);
+        assert!(m.ptx.contains(".version 8.8"), "{}", m.name);
+    }
+}
