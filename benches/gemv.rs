@@ -234,7 +234,9 @@ fn main() {
         }
     };
     let sweep = Sweep::from_env();
-    let mut c = Criterion::default().configure_from_args();
+    // criterion's own HTML plots cost seconds per benchmark of scarce GPU
+    // time; this harness draws the one chart the docs need.
+    let mut c = Criterion::default().without_plots().configure_from_args();
     let copy = timing::copy_bandwidth(&gpu, COPY_BYTES, COPY_TRIALS).expect("copy bandwidth");
     eprintln!(
         "device: {}; copy bandwidth {:.0} GB/s (read + write)",
