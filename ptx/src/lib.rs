@@ -8,6 +8,20 @@
 
 pub mod abi;
 
+// SAFETY: the param structs are #[repr(C)] plain data (u64 addresses and u32
+// sizes, no pointers Rust dereferences, every bit pattern valid), with the
+// size, alignment and field offsets the kernels' C declaration has (bindgen's
+// layout assertions in abi.rs). Kernels take them by value as their only
+// parameter; what the addresses point to is the launcher's responsibility.
+#[cfg(feature = "cudarc")]
+mod device_repr {
+    use crate::abi::{MeswitchDequantParams, MeswitchExpertDelta, MeswitchGemvParams};
+    unsafe impl cudarc::driver::DeviceRepr for MeswitchGemvParams {}
+    unsafe impl cudarc::driver::DeviceRepr for MeswitchDequantParams {}
+    unsafe impl cudarc::driver::DeviceRepr for MeswitchExpertDelta {}
+    unsafe impl cudarc::driver::ValidAsZeroBits for MeswitchExpertDelta {}
+}
+
 /// A compiled kernel module: its name and PTX text.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelModule {
