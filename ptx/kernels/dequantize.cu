@@ -31,7 +31,9 @@ __device__ __forceinline__ float meswitch_dequant_at(const MeswitchDequantParams
 template <int BITS>
 __device__ __forceinline__ void meswitch_dequantize(const MeswitchDequantParams& p) {
     const uint32_t r = blockIdx.x, in = p.in_features;
-    if (r >= p.out_features) return;
+    // group_size 0 would divide by zero below; the launcher rejects it, and
+    // this keeps a bad launch from reading outside the scale arrays.
+    if (r >= p.out_features || p.group_size == 0) return;
     const uint32_t n_groups = meswitch_n_groups(in, p.group_size);
     const uint32_t* row_words =
         reinterpret_cast<const uint32_t*>(p.delta.codes) + (size_t)r * meswitch_words_per_row(in, BITS);
