@@ -164,3 +164,19 @@ impl Gpu {
         self.stream.synchronize().during("stream synchronize")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_device_is_an_error_never_a_panic() {
+        // On a machine without a GPU both are NoDevice; with one, the count
+        // is positive and an absurd ordinal is still NoDevice.
+        match device_count() {
+            Ok(n) => assert!(n > 0),
+            Err(e) => assert!(e.is_no_device(), "{e}"),
+        }
+        assert!(Gpu::new(usize::MAX).unwrap_err().is_no_device());
+    }
+}

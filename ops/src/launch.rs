@@ -27,18 +27,17 @@
 //! base and dequantize + cuBLAS per expert (correct, slower; documented in
 //! [`unaligned_gemv`]).
 
-use std::collections::BTreeMap;
-
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 use meswitch_ptx::abi;
-use meswitch_reference::{Bits, DeltaLayout};
+use meswitch_reference::DeltaLayout;
 
 use crate::blas::linear_f16;
 use crate::buffers::{DeviceBase, DeviceDelta};
 use crate::device::Gpu;
 use crate::error::{DriverContext, OpsError};
 use crate::gemv::{upload, DeviceExperts, DeviceRows};
+use crate::plan::{dequant_kernel, group_by_variant, plan, Place, Variant};
 
 /// Row marker for "no expert, base only".
 pub const NO_EXPERT: u32 = abi::MESWITCH_NO_EXPERT;
@@ -64,84 +63,6 @@ struct Param<T>(T);
 // the header keeps them 8-byte aligned with explicit `reserved` fields).
 unsafe impl DeviceRepr for Param<abi::MeswitchGemvParams> {}
 unsafe impl DeviceRepr for Param<abi::MeswitchDequantParams> {}
-
-/// Strips the NUL that bindgen keeps at the end of a C string macro.
-fn c_name(bytes: &[u8]) -> &str {
-    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
-    std::str::from_utf8(bytes).expect("ABI names are ASCII")
-}
-
-/// Group part of a kernel variant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Group {
-    /// One of the fixed group sizes (32, 64, 128), smaller than `in`.
-    Size(u32),
-    /// One group per row (`group_size == in_features`).
-    Row,
-}
-
-/// The (bits, group) variant a kernel is compiled for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Variant {
-    bits: Bits,
-    group: Group,
-}
-
-impl Variant {
-    fn of(layout: &DeltaLayout) -> Result<Variant, OpsError> {
-        let fixed = [
-            abi::MESWITCH_GROUP_32,
-            abi::MESWITCH_GROUP_64,
-            abi::MESWITCH_GROUP_128,
-        ];
-        let group = if layout.group_size >= layout.in_features {
-            Group::Row
-        } else if let Some(&g) = fixed.iter().find(|&&g| g as usize == layout.group_size) {
-            Group::Size(g)
-        } else {
-            return Err(OpsError::Unsupported(format!(
-                "group size {} has no kernel variant",
-                layout.group_size
-            )));
-        };
-        Ok(Variant {
-            bits: layout.bits,
-            group,
-        })
-    }
-
-    /// Any variant computes the base part the same way; this one serves
-    /// launches in which no row has an expert.
-    fn base_only() -> Variant {
-        Variant {
-            bits: Bits::Four,
-            group: Group::Size(abi::MESWITCH_GROUP_128),
-        }
-    }
-
-    fn suffix(self) -> String {
-        match self.group {
-            Group::Size(g) => format!("b{}_g{g}", self.bits.count()),
-            Group::Row => format!("b{}_grow", self.bits.count()),
-        }
-    }
-
-    fn fused_kernel(self) -> String {
-        format!("{}{}", c_name(abi::MESWITCH_GEMV_PREFIX), self.suffix())
-    }
-
-    fn delta_kernel(self) -> String {
-        format!(
-            "{}{}",
-            c_name(abi::MESWITCH_DELTA_GEMV_PREFIX),
-            self.suffix()
-        )
-    }
-}
-
-fn dequant_kernel(bits: Bits) -> String {
-    format!("{}b{}", c_name(abi::MESWITCH_DEQUANT_PREFIX), bits.count())
-}
 
 /// Grid and block of a GEMV launch, as the header prescribes.
 fn gemv_config(out_features: usize) -> LaunchConfig {
@@ -202,37 +123,38 @@ struct VariantTable {
 pub(crate) struct ExpertTable {
     tables: Vec<VariantTable>,
     /// Global expert index → (index into `tables`, index within that table).
-    place: Vec<(usize, u32)>,
+    place: Vec<Place>,
 }
 
 impl ExpertTable {
     pub(crate) fn new(gpu: &Gpu, experts: &[&DeviceDelta]) -> Result<ExpertTable, OpsError> {
-        let mut by_variant: BTreeMap<Variant, Vec<abi::MeswitchExpertDelta>> = BTreeMap::new();
-        let mut local = Vec::with_capacity(experts.len());
-        for e in experts {
-            let list = by_variant.entry(Variant::of(&e.layout)?).or_default();
-            local.push((Variant::of(&e.layout)?, list.len() as u32));
-            list.push(descriptor(gpu, e));
+        let layouts: Vec<DeltaLayout> = experts.iter().map(|e| e.layout).collect();
+        let (variants, place) = group_by_variant(&layouts)?;
+        let mut lists = vec![Vec::new(); variants.len()];
+        for (e, &(t, _)) in experts.iter().zip(&place) {
+            lists[t].push(descriptor(gpu, e));
         }
-        let mut tables = Vec::new();
-        let mut index = BTreeMap::new();
-        for (variant, list) in by_variant {
-            // SAFETY: MeswitchExpertDelta is a #[repr(C)] struct of integers;
-            // viewing it as bytes is sound.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    list.as_ptr().cast::<u8>(),
-                    std::mem::size_of_val(list.as_slice()),
-                )
-            };
-            index.insert(variant, tables.len());
-            tables.push(VariantTable {
-                variant,
-                descriptors: upload(gpu, bytes)?,
-                n: list.len() as u32,
-            });
-        }
-        let place = local.into_iter().map(|(v, i)| (index[&v], i)).collect();
+        let tables = variants
+            .into_iter()
+            .zip(lists)
+            .map(
+                |(variant, list): (Variant, Vec<abi::MeswitchExpertDelta>)| {
+                    // SAFETY: MeswitchExpertDelta is a #[repr(C)] struct of
+                    // integers; viewing it as bytes is sound.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(
+                            list.as_ptr().cast::<u8>(),
+                            std::mem::size_of_val(list.as_slice()),
+                        )
+                    };
+                    Ok(VariantTable {
+                        variant,
+                        descriptors: upload(gpu, bytes)?,
+                        n: list.len() as u32,
+                    })
+                },
+            )
+            .collect::<Result<_, OpsError>>()?;
         Ok(ExpertTable { tables, place })
     }
 }
@@ -257,46 +179,17 @@ fn passes<'t>(
     table: &'t ExpertTable,
     rows: &'t DeviceRows,
 ) -> Result<Vec<Pass<'t>>, OpsError> {
-    let mut active: Vec<usize> = rows
-        .rows()
-        .iter()
-        .flatten()
-        .map(|&e| table.place[e as usize].0)
-        .collect();
-    active.sort_unstable();
-    active.dedup();
-    if table.tables.len() <= 1 {
-        // Global numbering is the table's numbering.
-        let t = table.tables.first();
-        return Ok(vec![Pass {
-            variant: t.map_or(Variant::base_only(), |t| t.variant),
-            table: t,
-            rows: RowIds::Global(rows.ids()),
-        }]);
-    }
-    if active.is_empty() {
-        let no_rows = vec![NO_EXPERT; rows.batch()];
-        return Ok(vec![Pass {
-            variant: Variant::base_only(),
-            table: None,
-            rows: RowIds::Local(upload(gpu, &no_rows)?),
-        }]);
-    }
-    active
+    plan(&table.place, table.tables.len(), rows.rows())
         .into_iter()
-        .map(|t| {
-            let ids: Vec<u32> = rows
-                .rows()
-                .iter()
-                .map(|e| match e.map(|e| table.place[e as usize]) {
-                    Some((vt, local)) if vt == t => local,
-                    _ => NO_EXPERT,
-                })
-                .collect();
+        .map(|(t, ids)| {
+            let t = t.map(|t| &table.tables[t]);
             Ok(Pass {
-                variant: table.tables[t].variant,
-                table: Some(&table.tables[t]),
-                rows: RowIds::Local(upload(gpu, &ids)?),
+                variant: t.map_or(Variant::base_only(), |t| t.variant),
+                table: t,
+                rows: match ids {
+                    None => RowIds::Global(rows.ids()),
+                    Some(ids) => RowIds::Local(upload(gpu, &ids)?),
+                },
             })
         })
         .collect()
@@ -510,35 +403,6 @@ fn unaligned_gemv(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn layout(bits: Bits, group: usize, in_features: usize) -> DeltaLayout {
-        DeltaLayout::new(8, in_features, bits, group, 0).unwrap()
-    }
-
-    #[test]
-    fn kernel_names_follow_the_header() {
-        let v = Variant::of(&layout(Bits::Four, 128, 4096)).unwrap();
-        assert_eq!(v.fused_kernel(), "meswitch_multi_expert_gemv_b4_g128");
-        assert_eq!(v.delta_kernel(), "meswitch_delta_gemv_b4_g128");
-        let row = Variant::of(&layout(Bits::Two, 4096, 4096)).unwrap();
-        assert_eq!(row.delta_kernel(), "meswitch_delta_gemv_b2_grow");
-        assert_eq!(dequant_kernel(Bits::One), "meswitch_dequantize_b1");
-    }
-
-    #[test]
-    fn every_layout_group_has_a_variant() {
-        for bits in Bits::ALL {
-            for &g in meswitch_reference::layout::GROUP_SIZES.iter() {
-                let v = Variant::of(&layout(bits, g, 4096)).unwrap();
-                assert_eq!(v.group, Group::Size(g as u32));
-            }
-            // A group as large as the row is the row variant.
-            assert_eq!(
-                Variant::of(&layout(bits, 128, 128)).unwrap().group,
-                Group::Row
-            );
-        }
-    }
 
     #[test]
     fn launch_grids_cover_every_output_row() {

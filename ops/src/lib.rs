@@ -17,6 +17,7 @@ pub mod device;
 pub mod error;
 pub mod gemv;
 mod launch;
+mod plan;
 pub mod timing;
 
 pub use meswitch_reference as reference;

@@ -1,0 +1,235 @@
+//! Kernel variants and the host-side plan of a launch: which entry point a
+//! delta needs, how a call's experts are grouped into one descriptor table
+//! per variant, and which rows each pass covers (the drawing is in
+//! [`crate::launch`]'s docs). Pure host code, tested without a GPU.
+
+use meswitch_ptx::abi;
+use meswitch_reference::{Bits, DeltaLayout};
+
+use crate::error::OpsError;
+use crate::launch::NO_EXPERT;
+
+/// Strips the NUL that bindgen keeps at the end of a C string macro.
+fn c_name(bytes: &[u8]) -> &str {
+    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+    std::str::from_utf8(bytes).expect("ABI names are ASCII")
+}
+
+/// Group part of a kernel variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Group {
+    /// One of the fixed group sizes (32, 64, 128), smaller than `in`.
+    Size(u32),
+    /// One group per row (`group_size == in_features`).
+    Row,
+}
+
+/// The (bits, group) variant a kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Variant {
+    bits: Bits,
+    group: Group,
+}
+
+impl Variant {
+    pub(crate) fn of(layout: &DeltaLayout) -> Result<Variant, OpsError> {
+        let fixed = [
+            abi::MESWITCH_GROUP_32,
+            abi::MESWITCH_GROUP_64,
+            abi::MESWITCH_GROUP_128,
+        ];
+        let group = if layout.group_size >= layout.in_features {
+            Group::Row
+        } else if let Some(&g) = fixed.iter().find(|&&g| g as usize == layout.group_size) {
+            Group::Size(g)
+        } else {
+            return Err(OpsError::Unsupported(format!(
+                "group size {} has no kernel variant",
+                layout.group_size
+            )));
+        };
+        Ok(Variant {
+            bits: layout.bits,
+            group,
+        })
+    }
+
+    /// Any variant computes the base part the same way; this one serves
+    /// launches in which no row has an expert.
+    pub(crate) fn base_only() -> Variant {
+        Variant {
+            bits: Bits::Four,
+            group: Group::Size(abi::MESWITCH_GROUP_128),
+        }
+    }
+
+    fn suffix(self) -> String {
+        match self.group {
+            Group::Size(g) => format!("b{}_g{g}", self.bits.count()),
+            Group::Row => format!("b{}_grow", self.bits.count()),
+        }
+    }
+
+    pub(crate) fn fused_kernel(self) -> String {
+        format!("{}{}", c_name(abi::MESWITCH_GEMV_PREFIX), self.suffix())
+    }
+
+    pub(crate) fn delta_kernel(self) -> String {
+        format!(
+            "{}{}",
+            c_name(abi::MESWITCH_DELTA_GEMV_PREFIX),
+            self.suffix()
+        )
+    }
+}
+
+pub(crate) fn dequant_kernel(bits: Bits) -> String {
+    format!("{}b{}", c_name(abi::MESWITCH_DEQUANT_PREFIX), bits.count())
+}
+
+/// Where an expert's descriptor lives: (variant table, index within it).
+pub(crate) type Place = (usize, u32);
+
+/// The host half of `ExpertTable::new`: the distinct variants, ascending,
+/// and for each expert (global index) its (table, index within the table).
+/// Experts keep their relative order inside a table, so with one variant
+/// the local index is the global one.
+pub(crate) fn group_by_variant(
+    layouts: &[DeltaLayout],
+) -> Result<(Vec<Variant>, Vec<Place>), OpsError> {
+    let variants: Vec<Variant> = layouts.iter().map(Variant::of).collect::<Result<_, _>>()?;
+    let mut distinct = variants.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let mut count = vec![0u32; distinct.len()];
+    let place = variants
+        .iter()
+        .map(|v| {
+            let t = distinct
+                .binary_search(v)
+                .expect("every variant is in the list");
+            count[t] += 1;
+            (t, count[t] - 1)
+        })
+        .collect();
+    Ok((distinct, place))
+}
+
+/// The host half of `passes`: for each pass, the variant table it uses
+/// (`None`: no expert at all) and its row ids in that table's numbering
+/// (`None`: the global ids as uploaded, valid when there is one table).
+pub(crate) fn plan(
+    place: &[(usize, u32)],
+    n_tables: usize,
+    rows: &[Option<u32>],
+) -> Vec<(Option<usize>, Option<Vec<u32>>)> {
+    if n_tables <= 1 {
+        // Global numbering is the table's numbering.
+        return vec![((n_tables == 1).then_some(0), None)];
+    }
+    let mut active: Vec<usize> = rows
+        .iter()
+        .flatten()
+        .map(|&e| place[e as usize].0)
+        .collect();
+    active.sort_unstable();
+    active.dedup();
+    if active.is_empty() {
+        return vec![(None, Some(vec![NO_EXPERT; rows.len()]))];
+    }
+    active
+        .into_iter()
+        .map(|t| {
+            let ids = rows
+                .iter()
+                .map(|e| match e.map(|e| place[e as usize]) {
+                    Some((vt, local)) if vt == t => local,
+                    _ => NO_EXPERT,
+                })
+                .collect();
+            (Some(t), Some(ids))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(bits: Bits, group: usize, in_features: usize) -> DeltaLayout {
+        DeltaLayout::new(8, in_features, bits, group, 0).unwrap()
+    }
+
+    #[test]
+    fn kernel_names_follow_the_header() {
+        let v = Variant::of(&layout(Bits::Four, 128, 4096)).unwrap();
+        assert_eq!(v.fused_kernel(), "meswitch_multi_expert_gemv_b4_g128");
+        assert_eq!(v.delta_kernel(), "meswitch_delta_gemv_b4_g128");
+        let row = Variant::of(&layout(Bits::Two, 4096, 4096)).unwrap();
+        assert_eq!(row.delta_kernel(), "meswitch_delta_gemv_b2_grow");
+        assert_eq!(dequant_kernel(Bits::One), "meswitch_dequantize_b1");
+    }
+
+    #[test]
+    fn every_layout_group_has_a_variant() {
+        for bits in Bits::ALL {
+            for &g in meswitch_reference::layout::GROUP_SIZES.iter() {
+                let v = Variant::of(&layout(bits, g, 4096)).unwrap();
+                assert_eq!(v.group, Group::Size(g as u32));
+            }
+            // A group as large as the row is the row variant.
+            assert_eq!(
+                Variant::of(&layout(bits, 128, 128)).unwrap().group,
+                Group::Row
+            );
+        }
+    }
+
+    #[test]
+    fn mixed_variants_are_planned_one_pass_each() {
+        // Experts 0 and 2 share table 0, expert 1 is alone in table 1.
+        let place = [(0, 0), (1, 0), (0, 1)];
+        let rows = [Some(2), None, Some(1), Some(0)];
+        let n = NO_EXPERT;
+        assert_eq!(
+            plan(&place, 2, &rows),
+            vec![
+                (Some(0), Some(vec![1, n, n, 0])),
+                (Some(1), Some(vec![n, n, 0, n])),
+            ]
+        );
+        // Only table 1 active: it becomes the (fused) first pass.
+        assert_eq!(
+            plan(&place, 2, &[Some(1), None]),
+            vec![(Some(1), Some(vec![0, n]))]
+        );
+        // Several tables, no expert in the batch: one base-only pass.
+        assert_eq!(
+            plan(&place, 2, &[None, None]),
+            vec![(None, Some(vec![n, n]))]
+        );
+    }
+
+    #[test]
+    fn one_variant_uses_the_global_ids() {
+        assert_eq!(
+            plan(&[(0, 0), (0, 1)], 1, &[Some(1), None]),
+            vec![(Some(0), None)]
+        );
+        assert_eq!(plan(&[], 0, &[None]), vec![(None, None)]);
+    }
+
+    #[test]
+    fn experts_are_grouped_by_variant_in_order() {
+        let (a, b) = (layout(Bits::Two, 128, 4096), layout(Bits::Four, 128, 4096));
+        let (variants, place) = group_by_variant(&[a, b, a, a, b]).unwrap();
+        assert_eq!(
+            variants,
+            vec![Variant::of(&a).unwrap(), Variant::of(&b).unwrap()]
+        );
+        assert_eq!(place, vec![(0, 0), (1, 0), (0, 1), (0, 2), (1, 1)]);
+        // One variant: local index == global index.
+        let (_, place) = group_by_variant(&[b, b, b]).unwrap();
+        assert_eq!(place, vec![(0, 0), (0, 1), (0, 2)]);
+    }
+}
