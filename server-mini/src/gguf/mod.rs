@@ -347,6 +347,15 @@ impl GgufFile {
         Ok(w)
     }
 
+    /// [`Self::tensor_f32`] rounded to f16 (the runtime keeps base weights in FP16).
+    pub fn tensor_f16(&self, name: &str) -> Result<Vec<half::f16>, GgufError> {
+        Ok(self
+            .tensor_f32(name)?
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect())
+    }
+
     pub(crate) fn meta_u64(&self, key: &str) -> Option<u64> {
         self.metadata.get(key).and_then(GgufValue::as_u64)
     }

@@ -357,3 +357,40 @@ fn all_scalar_value_types_parse() {
     assert_eq!(m["f64"].as_f64(), Some(0.25));
     assert_eq!(m["bool"].as_bool(), Some(true));
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any corruption of a valid file is either rejected with an error or, when it still
+        /// parses, every tensor reads back without panicking and with the declared length.
+        #[test]
+        fn corrupted_files_never_panic(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+            let mut b = llama_like().build();
+            for (at, byte) in edits {
+                let i = at.index(b.len());
+                b[i] = byte;
+            }
+            if let Ok(f) = GgufFile::from_bytes(b) {
+                for t in f.tensor_infos().to_vec() {
+                    if let Ok(w) = f.tensor_f32(&t.name) {
+                        prop_assert_eq!(w.len(), t.n_elements());
+                    }
+                }
+                let _ = f.hf_config();
+            }
+        }
+
+        /// Random prefixes of a valid file never parse into something out of bounds.
+        #[test]
+        fn random_bytes_after_magic_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut b = b"GGUF".to_vec();
+            b.extend(3u32.to_le_bytes());
+            b.extend(tail);
+            let _ = GgufFile::from_bytes(b);
+        }
+    }
+}
