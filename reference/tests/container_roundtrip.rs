@@ -295,6 +295,7 @@ fn writer_io_errors_poison_the_writer() {
         Err(FormatError::Writer { .. })
     ));
     assert!(w.finish().is_err());
+    assert!(!scratch.0.exists(), "temporaries recreated");
 }
 
 /// Write and read speed of a Mistral-7B-shaped INT2 expert layer set

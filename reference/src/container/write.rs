@@ -393,14 +393,28 @@ impl ExpertWriter {
             header_text.push(' ');
         }
 
-        let file = File::create(&temp).map_err(io_error(&temp))?;
-        let mut out = BufWriter::new(file);
-        out.write_all(&(header_text.len() as u64).to_le_bytes())
-            .and_then(|_| out.write_all(header_text.as_bytes()))
-            .map_err(io_error(&temp))?;
-        shard.wide.drain_into(&mut out)?;
-        shard.narrow.drain_into(&mut out)?;
-        out.flush().map_err(io_error(&temp))?;
+        let leftovers = [
+            temp.clone(),
+            shard.wide.path.clone(),
+            shard.narrow.path.clone(),
+        ];
+        let written = (|| {
+            let file = File::create(&temp).map_err(io_error(&temp))?;
+            let mut out = BufWriter::new(file);
+            out.write_all(&(header_text.len() as u64).to_le_bytes())
+                .and_then(|_| out.write_all(header_text.as_bytes()))
+                .map_err(io_error(&temp))?;
+            shard.wide.drain_into(&mut out)?;
+            shard.narrow.drain_into(&mut out)?;
+            out.flush().map_err(io_error(&temp))
+        })();
+        if let Err(e) = written {
+            // The shard is lost either way; leave no temporaries behind.
+            for path in &leftovers {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
         self.closed.push(ClosedShard {
             temp,
             stored,
