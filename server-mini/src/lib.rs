@@ -5,3 +5,7 @@ pub mod chat;
 pub mod gguf;
 pub mod testdata;
 pub mod tokenizer;
+pub mod checkpoint;
+pub mod cli;
+pub mod compress;
+pub mod synth;
