@@ -100,3 +100,19 @@ fn gemv_entry(prefix: &str, bits: u32, group_size: usize, in_features: usize) ->
 pub fn gemv_supports_in_features(in_features: usize) -> bool {
     in_features > 0 && in_features % abi::MESWITCH_GEMV_K_CHUNK as usize == 0
 }
+
+/// Launch shape of a GEMV kernel (either module): `(grid.x, block.x)`, one
+/// block per `MESWITCH_GEMV_ROWS_PER_BLOCK` output rows, no dynamic shared
+/// memory. `None` when `out_features` does not fit the grid.
+pub fn gemv_launch_dims(out_features: usize) -> Option<(u32, u32)> {
+    let rows = abi::MESWITCH_GEMV_ROWS_PER_BLOCK as usize;
+    let blocks = u32::try_from(out_features.div_ceil(rows)).ok()?;
+    (blocks > 0).then_some((blocks, abi::MESWITCH_GEMV_THREADS))
+}
+
+/// Launch shape of the dequantize kernel: `(grid.x, block.x)`, one block per
+/// output row.
+pub fn dequantize_launch_dims(out_features: usize) -> Option<(u32, u32)> {
+    let blocks = u32::try_from(out_features).ok()?;
+    (blocks > 0).then_some((blocks, abi::MESWITCH_DEQUANT_THREADS))
+}

@@ -3,7 +3,10 @@
 //! entry point the naming functions produce.
 
 use meswitch_ptx::abi::*;
-use meswitch_ptx::{delta_gemv_entry, dequantize_entry, multi_expert_gemv_entry, MODULES};
+use meswitch_ptx::{
+    delta_gemv_entry, dequantize_entry, dequantize_launch_dims, gemv_launch_dims,
+    gemv_supports_in_features, multi_expert_gemv_entry, MODULES,
+};
 use meswitch_reference::layout::{Bits, GROUP_SIZES};
 
 #[test]
@@ -83,4 +86,20 @@ fn ptx_targets_compute_80() {
         assert!(m.ptx.contains(".target sm_80"), "{}", m.name);
         assert!(m.ptx.contains(".version 8.8"), "{}", m.name);
     }
+}
+
+#[test]
+fn launch_dims_cover_every_row() {
+    for out in [1usize, 15, 16, 17, 4096, 14336] {
+        let (blocks, threads) = gemv_launch_dims(out).unwrap();
+        assert!(
+            blocks as usize * 16 >= out && (blocks as usize - 1) * 16 < out,
+            "{out}"
+        );
+        assert_eq!(threads, 128);
+        assert_eq!(dequantize_launch_dims(out), Some((out as u32, 256)));
+    }
+    assert_eq!(gemv_launch_dims(0), None);
+    assert!(gemv_supports_in_features(4096) && gemv_supports_in_features(896));
+    assert!(!gemv_supports_in_features(100) && !gemv_supports_in_features(0));
 }
