@@ -308,7 +308,7 @@ proptest! {
     /// (base + deltas) and the delta-only variants.
     #[test]
     fn emulated_gemv_matches_reference(bits in bits_strategy(), g in 0usize..4, out in 1usize..40,
-                                       chunks in 1usize..4, batch in 1usize..24, n_experts in 0usize..4,
+                                       chunks in 1usize..4, batch in 1usize..=64, n_experts in 0usize..=16,
                                        with_base in any::<bool>(), seed in any::<u64>()) {
         let (got, want, bound) = gemv_case(GemvCase { bits, group_pick: g, out, chunks, batch, n_experts, with_base, seed });
         for i in 0..got.len() {
