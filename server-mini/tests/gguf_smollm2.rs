@@ -97,3 +97,23 @@ fn dequantized_values_are_sane() {
     // HF row 32 of head 0 (partner of row 0 in rotate_half) is GGUF row 1.
     assert_eq!(&q[32 * 576..33 * 576], &raw[576..2 * 576]);
 }
+
+/// Every tensor dequantizes to finite values; prints the time (CPU, this machine, 1 thread).
+#[test]
+fn every_tensor_dequantizes() {
+    let Some(f) = open() else { return };
+    let t0 = std::time::Instant::now();
+    let mut n = 0usize;
+    for t in f.tensor_infos() {
+        let w = f.tensor_f32(&t.name).unwrap();
+        assert_eq!(w.len(), t.n_elements());
+        assert!(w.iter().all(|x| x.is_finite()), "{}", t.name);
+        n += w.len();
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "dequantized {n} weights in {:.3} s ({:.0} M weights/s)",
+        dt,
+        n as f64 / dt / 1e6
+    );
+}

@@ -129,3 +129,29 @@ fn decode_rejects_out_of_range_ids() {
     let Some(tok) = smollm2() else { return };
     assert!(tok.decode(&[49152], false).is_err());
 }
+
+/// The perplexity texts (~9000 characters each) tokenize exactly as llama-tokenize
+/// --no-parse-special did; prints the encode time (CPU, this machine).
+#[test]
+fn smollm2_long_texts_match_llama_cpp() {
+    let Some(tok) = smollm2() else { return };
+    let dir = testdata::smollm2_dir().expect("goldens");
+    for name in ["ppl_python_execmodel", "ppl_libpng_manual"] {
+        let text = std::fs::read_to_string(dir.join(format!("{name}.txt"))).unwrap();
+        let golden: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{name}.ppl.json"))).unwrap(),
+        )
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        let got = tok.encode(&text, false).unwrap();
+        let dt = t0.elapsed();
+        assert_eq!(got, ids(&golden["token_ids"]), "{name}");
+        eprintln!(
+            "{name}: {} chars -> {} tokens in {:.2} ms",
+            text.len(),
+            got.len(),
+            dt.as_secs_f64() * 1e3
+        );
+        assert_eq!(tok.decode(&got, false).unwrap(), text);
+    }
+}
