@@ -495,7 +495,8 @@ proptest! {
         batch in 1usize..=3 * MAX_TEST_BATCH,
         seed in any::<u64>(),
     ) {
-        // Also covers batches past one launch's maximum (the host API splits them).
+        // Also covers batches past one launch's maximum: base from cuBLAS +
+        // delta-only kernel (or split fused launches without cuBLAS).
         let Some(gpu) = gpu_or_skip() else { return Ok(()) };
         let mut rng = StdRng::seed_from_u64(seed);
         let case = Case::random(&mut rng, out_features, in_features, bits, group, n_experts, batch, RowMix::Random);
@@ -833,4 +834,39 @@ fn harness_on_the_largest_case() {
         bad[case.out_features * 5 + 7] = POISON;
         bad
     }));
+}
+
+/// Batches past one launch's maximum without cuBLAS: one fused launch per
+/// `MESWITCH_MAX_BATCH` rows (with cuBLAS the proptest above takes the
+/// cuBLAS + delta-kernel path instead).
+#[test]
+fn large_batch_without_cublas_splits_fused_launches() {
+    if gpu_or_skip().is_none() {
+        return;
+    }
+    let gpu = Gpu::detect()
+        .expect("a second handle on the device")
+        .without_blas();
+    let mut rng = StdRng::seed_from_u64(31);
+    let case = Case::random(
+        &mut rng,
+        70,
+        384,
+        Bits::Two,
+        64,
+        5,
+        3 * MAX_TEST_BATCH + 5,
+        RowMix::Random,
+    );
+    let mut y = vec![POISON; case.batch() * case.out_features];
+    ops::multi_expert_gemv(
+        &gpu,
+        &case.base(),
+        &case.views(),
+        &case.x,
+        &case.rows,
+        &mut y,
+    )
+    .unwrap();
+    case.assert_close(&y, None, "batch > MAX_BATCH, no cuBLAS");
 }

@@ -135,6 +135,13 @@ impl Gpu {
         self.compute_capability
     }
 
+    /// This device with cuBLAS turned off: every path then uses this
+    /// project's kernels only (for tests of those paths, and for comparing).
+    pub fn without_blas(mut self) -> Gpu {
+        self.blas = Err("disabled by Gpu::without_blas".to_string());
+        self
+    }
+
     /// The cuBLAS handle (bound to [`Gpu::stream`]).
     pub fn blas(&self) -> Result<&CudaBlas, OpsError> {
         self.blas.as_ref().map_err(|e| OpsError::NoBlas(e.clone()))

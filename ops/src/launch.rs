@@ -22,6 +22,10 @@
 //! common case, the global row ids are used as they are: one launch per
 //! `MESWITCH_MAX_BATCH` rows and no host copies.
 //!
+//! Batches larger than `MESWITCH_MAX_BATCH` (prefill) take the base product
+//! from one cuBLAS GEMM and add the deltas with the delta-only kernel, when
+//! cuBLAS is present (else: one fused launch per `MESWITCH_MAX_BATCH` rows).
+//!
 //! `in_features` not a multiple of `MESWITCH_GEMV_K_CHUNK` (e.g. SmolLM2's
 //! 576) cannot use the GEMV kernels; those calls go through cuBLAS for the
 //! base and dequantize + cuBLAS per expert (correct, slower; documented in
@@ -257,9 +261,19 @@ pub(crate) fn multi_expert_gemv(
     if i % K_CHUNK != 0 {
         return unaligned_gemv(gpu, Some(base), o, i, experts, x, rows, y);
     }
+    // Prefill-sized batches: the fused kernel would re-read the base once
+    // per MAX_BATCH rows, while one cuBLAS GEMM reads it once at tensor-core
+    // rate; the deltas then go through the delta-only kernel.
+    let base_by_cublas = rows.batch() > MAX_BATCH && gpu.blas().is_ok();
+    if base_by_cublas {
+        linear_f16(gpu, &base.weights, o, i, x, rows.batch(), y, false)?;
+    }
     let (base_ptr, x_ptr, y_ptr) = (addr(gpu, &base.weights), addr(gpu, x), addr_mut(gpu, y));
     for (k, pass) in passes(gpu, experts.table(), rows)?.iter().enumerate() {
-        let kernel = if k == 0 {
+        if base_by_cublas && pass.table.is_none() {
+            continue;
+        }
+        let kernel = if k == 0 && !base_by_cublas {
             pass.variant.fused_kernel()
         } else {
             pass.variant.delta_kernel()
