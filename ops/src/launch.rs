@@ -47,8 +47,6 @@ use crate::plan::{dequant_kernel, group_by_variant, plan, Place, Variant};
 pub const NO_EXPERT: u32 = abi::MESWITCH_NO_EXPERT;
 /// Rows one GEMV launch accepts; larger batches are split.
 pub const MAX_BATCH: usize = abi::MESWITCH_MAX_BATCH as usize;
-/// The GEMV kernels consume the input dimension in chunks of this many columns.
-pub const K_CHUNK: usize = abi::MESWITCH_GEMV_K_CHUNK as usize;
 const F16_BYTES: u64 = 2;
 const U32_BYTES: u64 = 4;
 
@@ -68,26 +66,31 @@ struct Param<T>(T);
 unsafe impl DeviceRepr for Param<abi::MeswitchGemvParams> {}
 unsafe impl DeviceRepr for Param<abi::MeswitchDequantParams> {}
 
-/// Grid and block of a GEMV launch, as the header prescribes.
-fn gemv_config(out_features: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (
-            out_features.div_ceil(abi::MESWITCH_GEMV_ROWS_PER_BLOCK as usize) as u32,
-            1,
-            1,
-        ),
-        block_dim: (abi::MESWITCH_GEMV_THREADS, 1, 1),
+/// Grid and block of a GEMV launch, from `meswitch_ptx` (which derives them
+/// from the header's tiling constants).
+fn gemv_config(out_features: usize) -> Result<LaunchConfig, OpsError> {
+    let (grid, block) = meswitch_ptx::gemv_launch_dims(out_features).ok_or_else(|| {
+        OpsError::Unsupported(format!("{out_features} output rows do not fit a GEMV grid"))
+    })?;
+    Ok(LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
-/// One block per output row, as the header prescribes.
-fn dequant_config(out_features: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (out_features as u32, 1, 1),
-        block_dim: (abi::MESWITCH_DEQUANT_THREADS, 1, 1),
+/// Grid and block of a dequantize launch (one block per output row).
+fn dequant_config(out_features: usize) -> Result<LaunchConfig, OpsError> {
+    let (grid, block) = meswitch_ptx::dequantize_launch_dims(out_features).ok_or_else(|| {
+        OpsError::Unsupported(format!(
+            "{out_features} output rows do not fit a dequantize grid"
+        ))
+    })?;
+    Ok(LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
 /// Raw device address of a buffer. The buffers outlive every launch that
@@ -188,7 +191,7 @@ fn passes<'t>(
         .map(|(t, ids)| {
             let t = t.map(|t| &table.tables[t]);
             Ok(Pass {
-                variant: t.map_or(Variant::base_only(), |t| t.variant),
+                variant: t.map_or_else(Variant::base_only, |t| t.variant.clone()),
                 table: t,
                 rows: match ids {
                     None => RowIds::Global(rows.ids()),
@@ -212,6 +215,7 @@ fn launch_gemv(
     batch: usize,
 ) -> Result<(), OpsError> {
     let func = gpu.function(kernel)?;
+    let cfg = gemv_config(out_features)?;
     let rows = match &pass.rows {
         RowIds::Global(ids) => addr(gpu, ids),
         RowIds::Local(ids) => addr(gpu, ids),
@@ -236,15 +240,10 @@ fn launch_gemv(
         });
         // SAFETY: every address points into a live allocation of the length
         // the kernel derives from these dims (checked by the caller), row ids
-        // are < n_experts or NO_EXPERT, in_features % K_CHUNK == 0 and
+        // are < n_experts or NO_EXPERT, in_features % MESWITCH_GEMV_K_CHUNK == 0 and
         // 1 <= batch <= MAX_BATCH as the header requires.
-        unsafe {
-            gpu.stream()
-                .launch_builder(&func)
-                .arg(&params)
-                .launch(gemv_config(out_features))
-        }
-        .during("GEMV kernel launch")?;
+        unsafe { gpu.stream().launch_builder(&func).arg(&params).launch(cfg) }
+            .during("GEMV kernel launch")?;
     }
     Ok(())
 }
@@ -258,7 +257,7 @@ pub(crate) fn multi_expert_gemv(
     y: &mut CudaSlice<f16>,
 ) -> Result<(), OpsError> {
     let (o, i) = (base.out_features, base.in_features);
-    if i % K_CHUNK != 0 {
+    if !meswitch_ptx::gemv_supports_in_features(i) {
         return unaligned_gemv(gpu, Some(base), o, i, experts, x, rows, y);
     }
     // Prefill-sized batches: the fused kernel would re-read the base once
@@ -280,7 +279,7 @@ pub(crate) fn multi_expert_gemv(
         };
         launch_gemv(
             gpu,
-            &kernel,
+            kernel,
             base_ptr,
             pass,
             x_ptr,
@@ -302,7 +301,7 @@ pub(crate) fn delta_gemv_accumulate(
     rows: &DeviceRows,
     y: &mut CudaSlice<f16>,
 ) -> Result<(), OpsError> {
-    if in_features % K_CHUNK != 0 {
+    if !meswitch_ptx::gemv_supports_in_features(in_features) {
         return unaligned_gemv(gpu, None, out_features, in_features, experts, x, rows, y);
     }
     let (x_ptr, y_ptr) = (addr(gpu, x), addr_mut(gpu, y));
@@ -314,7 +313,7 @@ pub(crate) fn delta_gemv_accumulate(
         // The delta kernel ignores `base` (the header allows 0).
         launch_gemv(
             gpu,
-            &kernel,
+            kernel,
             0,
             pass,
             x_ptr,
@@ -335,7 +334,8 @@ pub(crate) fn dequantize(
     out: &mut CudaSlice<f16>,
 ) -> Result<(), OpsError> {
     let l = &delta.layout;
-    let func = gpu.function(&dequant_kernel(l.bits))?;
+    let func = gpu.function(&dequant_kernel(l.bits)?)?;
+    let cfg = dequant_config(l.out_features)?;
     let params = Param(abi::MeswitchDequantParams {
         delta: descriptor(gpu, delta),
         base: base.map_or(0, |b| addr(gpu, &b.weights)),
@@ -347,18 +347,13 @@ pub(crate) fn dequantize(
     });
     // SAFETY: the delta was validated at upload, `out` (and `base`) hold
     // out·in elements (checked by the caller).
-    unsafe {
-        gpu.stream()
-            .launch_builder(&func)
-            .arg(&params)
-            .launch(dequant_config(l.out_features))
-    }
-    .map(|_| ())
-    .during("dequantize kernel launch")
+    unsafe { gpu.stream().launch_builder(&func).arg(&params).launch(cfg) }
+        .map(|_| ())
+        .during("dequantize kernel launch")
 }
 
 /// GEMV for `in_features` that the GEMV kernels cannot take (not a multiple
-/// of `K_CHUNK`): cuBLAS for the base over the whole batch, then per active
+/// of `MESWITCH_GEMV_K_CHUNK`): cuBLAS for the base over the whole batch, then per active
 /// expert one dequantize launch into a scratch matrix and one cuBLAS GEMM
 /// accumulating into each run of consecutive rows that use it. Needs cuBLAS.
 /// Rows with an expert are rounded to FP16 twice (after the base and after
@@ -420,13 +415,14 @@ mod tests {
 
     #[test]
     fn launch_grids_cover_every_output_row() {
+        let rows = abi::MESWITCH_GEMV_ROWS_PER_BLOCK as usize;
         for out in [1usize, 15, 16, 17, 4096, 14336] {
-            let g = gemv_config(out);
-            let rows = abi::MESWITCH_GEMV_ROWS_PER_BLOCK as usize;
+            let g = gemv_config(out).unwrap();
             assert!(g.grid_dim.0 as usize * rows >= out);
             assert!((g.grid_dim.0 as usize - 1) * rows < out);
             assert_eq!(g.block_dim.0, abi::MESWITCH_GEMV_THREADS);
-            assert_eq!(dequant_config(out).grid_dim.0 as usize, out);
+            assert_eq!(dequant_config(out).unwrap().grid_dim.0 as usize, out);
         }
+        assert!(gemv_config(0).is_err());
     }
 }

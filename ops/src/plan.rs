@@ -9,82 +9,57 @@ use meswitch_reference::{Bits, DeltaLayout};
 use crate::error::OpsError;
 use crate::launch::NO_EXPERT;
 
-/// Strips the NUL that bindgen keeps at the end of a C string macro.
-fn c_name(bytes: &[u8]) -> &str {
-    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
-    std::str::from_utf8(bytes).expect("ABI names are ASCII")
-}
-
-/// Group part of a kernel variant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Group {
-    /// One of the fixed group sizes (32, 64, 128), smaller than `in`.
-    Size(u32),
-    /// One group per row (`group_size == in_features`).
-    Row,
-}
-
-/// The (bits, group) variant a kernel is compiled for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A (bits, group) kernel variant, identified by its two GEMV entry points
+/// (named by `meswitch_ptx`, the single source of entry-point names). All
+/// experts of one launch must share it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Variant {
-    bits: Bits,
-    group: Group,
+    fused: String,
+    delta: String,
 }
 
 impl Variant {
     pub(crate) fn of(layout: &DeltaLayout) -> Result<Variant, OpsError> {
-        let fixed = [
-            abi::MESWITCH_GROUP_32,
-            abi::MESWITCH_GROUP_64,
-            abi::MESWITCH_GROUP_128,
-        ];
-        let group = if layout.group_size >= layout.in_features {
-            Group::Row
-        } else if let Some(&g) = fixed.iter().find(|&&g| g as usize == layout.group_size) {
-            Group::Size(g)
-        } else {
-            return Err(OpsError::Unsupported(format!(
-                "group size {} has no kernel variant",
-                layout.group_size
-            )));
+        let (bits, group, inf) = (layout.bits.count(), layout.group_size, layout.in_features);
+        let unsupported = || {
+            OpsError::Unsupported(format!(
+                "no GEMV kernel variant for {bits}-bit codes with group size {group} (in = {inf})"
+            ))
         };
         Ok(Variant {
-            bits: layout.bits,
-            group,
+            fused: meswitch_ptx::multi_expert_gemv_entry(bits, group, inf)
+                .ok_or_else(unsupported)?,
+            delta: meswitch_ptx::delta_gemv_entry(bits, group, inf).ok_or_else(unsupported)?,
         })
     }
 
     /// Any variant computes the base part the same way; this one serves
     /// launches in which no row has an expert.
     pub(crate) fn base_only() -> Variant {
-        Variant {
+        let g = abi::MESWITCH_GROUP_128 as usize;
+        Variant::of(&DeltaLayout {
+            out_features: 1,
+            in_features: abi::MESWITCH_GEMV_K_CHUNK as usize,
             bits: Bits::Four,
-            group: Group::Size(abi::MESWITCH_GROUP_128),
-        }
+            group_size: g,
+            salient: 0,
+        })
+        .expect("the 4-bit, group-128 variant exists")
     }
 
-    fn suffix(self) -> String {
-        match self.group {
-            Group::Size(g) => format!("b{}_g{g}", self.bits.count()),
-            Group::Row => format!("b{}_grow", self.bits.count()),
-        }
+    pub(crate) fn fused_kernel(&self) -> &str {
+        &self.fused
     }
 
-    pub(crate) fn fused_kernel(self) -> String {
-        format!("{}{}", c_name(abi::MESWITCH_GEMV_PREFIX), self.suffix())
-    }
-
-    pub(crate) fn delta_kernel(self) -> String {
-        format!(
-            "{}{}",
-            c_name(abi::MESWITCH_DELTA_GEMV_PREFIX),
-            self.suffix()
-        )
+    pub(crate) fn delta_kernel(&self) -> &str {
+        &self.delta
     }
 }
 
-pub(crate) fn dequant_kernel(bits: Bits) -> String {
-    format!("{}b{}", c_name(abi::MESWITCH_DEQUANT_PREFIX), bits.count())
+pub(crate) fn dequant_kernel(bits: Bits) -> Result<String, OpsError> {
+    meswitch_ptx::dequantize_entry(bits.count()).ok_or_else(|| {
+        OpsError::Unsupported(format!("no dequantize kernel for {} bits", bits.count()))
+    })
 }
 
 /// Where an expert's descriptor lives: (variant table, index within it).
@@ -167,7 +142,11 @@ mod tests {
         assert_eq!(v.delta_kernel(), "meswitch_delta_gemv_b4_g128");
         let row = Variant::of(&layout(Bits::Two, 4096, 4096)).unwrap();
         assert_eq!(row.delta_kernel(), "meswitch_delta_gemv_b2_grow");
-        assert_eq!(dequant_kernel(Bits::One), "meswitch_dequantize_b1");
+        assert_eq!(dequant_kernel(Bits::One).unwrap(), "meswitch_dequantize_b1");
+        assert_eq!(
+            Variant::base_only().fused_kernel(),
+            "meswitch_multi_expert_gemv_b4_g128"
+        );
     }
 
     #[test]
@@ -175,12 +154,16 @@ mod tests {
         for bits in Bits::ALL {
             for &g in meswitch_reference::layout::GROUP_SIZES.iter() {
                 let v = Variant::of(&layout(bits, g, 4096)).unwrap();
-                assert_eq!(v.group, Group::Size(g as u32));
+                assert!(v
+                    .fused_kernel()
+                    .ends_with(&format!("_b{}_g{g}", bits.count())));
             }
-            // A group as large as the row is the row variant.
-            assert_eq!(
-                Variant::of(&layout(bits, 128, 128)).unwrap().group,
-                Group::Row
+            let row = Variant::of(&layout(bits, 640, 640)).unwrap();
+            assert!(row.delta_kernel().ends_with("_grow"));
+            // Distinct variants are distinct entry points.
+            assert_ne!(
+                Variant::of(&layout(bits, 32, 4096)).unwrap(),
+                Variant::of(&layout(bits, 64, 4096)).unwrap()
             );
         }
     }
