@@ -342,7 +342,9 @@ impl GgufFile {
         let mut w = self.tensor_f32_raw(name)?;
         if let Some(n_head) = self.rope_permuted_heads(name)? {
             let t = self.tensor_info(name).expect("checked by tensor_f32_raw");
-            hf::unpermute_rope_rows(&mut w, t.shape[0], n_head).map_err(|p| bad(name, p))?;
+            // A bias `[out]` is one value per row.
+            let row_len = if t.shape.len() == 1 { 1 } else { t.shape[0] };
+            hf::unpermute_rope_rows(&mut w, row_len, n_head).map_err(|p| bad(name, p))?;
         }
         Ok(w)
     }

@@ -118,6 +118,12 @@ fn llama_like() -> Builder {
             GgmlType::F32,
             f32s(&k),
         )
+        .tensor(
+            "blk.0.attn_q.bias",
+            &[d as u64],
+            GgmlType::F32,
+            f32s(&(0..d).map(|x| x as f32).collect::<Vec<_>>()),
+        )
 }
 
 fn vocab_array(toks: &[&str]) -> Vec<u8> {
@@ -134,7 +140,7 @@ fn well_formed_file_round_trips() {
     let f = GgufFile::from_bytes(llama_like().build()).unwrap();
     assert_eq!(f.version(), 3);
     assert_eq!(f.architecture(), Some("llama"));
-    assert_eq!(f.tensor_infos().len(), 3);
+    assert_eq!(f.tensor_infos().len(), 4);
     let emb = f.tensor_f32("token_embd.weight").unwrap();
     assert_eq!(emb.len(), 24);
     assert_eq!(emb[5], 2.5);
@@ -165,6 +171,9 @@ fn q_and_k_are_unpermuted_with_their_own_head_counts() {
     let k = f.tensor_f32("blk.0.attn_k.weight").unwrap();
     let k_rows: Vec<usize> = (0..4).map(|r| (-k[r * d]) as usize / d).collect();
     assert_eq!(k_rows, vec![0, 2, 1, 3]);
+    // A Q bias is permuted like the rows it belongs to.
+    let qb = f.tensor_f32("blk.0.attn_q.bias").unwrap();
+    assert_eq!(qb, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
     // Non-RoPE tensors are untouched.
     assert_eq!(
         f.tensor_f32("token_embd.weight").unwrap(),

@@ -142,8 +142,12 @@ pub(super) fn build(f: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         .enumerate()
         .map(|(i, t)| (t.to_string(), i as u32))
         .collect();
+    // llama.cpp's llama3 pre-tokenizer family looks whole pieces up in the vocabulary before
+    // merging (`ignore_merges`) and adds BOS unless the file says otherwise; others do neither.
+    let llama3_family = regexes == [LLAMA3_REGEX];
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        .ignore_merges(llama3_family)
         .build()
         .map_err(|e| TokenizerError::Build(e.to_string()))?;
 
@@ -187,11 +191,10 @@ pub(super) fn build(f: &GgufFile) -> Result<Tokenizer, TokenizerError> {
     ] {
         eos.extend(token_id(f, key, n_vocab)?);
     }
-    // llama.cpp's default for BPE vocabularies is to add BOS unless the file says otherwise.
     let add_bos = meta
         .get("tokenizer.ggml.add_bos_token")
         .and_then(GgufValue::as_bool)
-        .unwrap_or(true);
+        .unwrap_or(llama3_family);
     if add_bos && bos.is_none() {
         return Err(meta_err(
             "tokenizer.ggml.bos_token_id",
