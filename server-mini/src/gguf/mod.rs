@@ -16,8 +16,10 @@
 mod dequant;
 mod hf;
 mod reader;
+mod writer;
 
 pub use dequant::{GgmlType, QK, QK_K};
+pub use writer::{write_gguf, TensorToWrite};
 
 use reader::Reader;
 use std::collections::{BTreeMap, HashMap};

@@ -36,19 +36,21 @@ fn pre_regexes(pre: &str) -> Option<&'static [&'static str]> {
 }
 
 /// GGUF `tokenizer.ggml.token_type` values (llama.cpp `llama_token_type`).
-mod token_type {
+pub(super) mod token_type {
+    pub const NORMAL: i64 = 1;
+    pub const UNKNOWN: i64 = 2;
     pub const CONTROL: i64 = 3;
     pub const USER_DEFINED: i64 = 4;
 }
 
-fn meta_err(key: &str, problem: &str) -> TokenizerError {
+pub(super) fn meta_err(key: &str, problem: &str) -> TokenizerError {
     TokenizerError::Metadata {
         key: key.into(),
         problem: problem.into(),
     }
 }
 
-fn string_array<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, TokenizerError> {
+pub(super) fn string_array<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, TokenizerError> {
     let arr = f
         .metadata()
         .get(key)
@@ -64,7 +66,11 @@ fn string_array<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, Tokenize
         .collect()
 }
 
-fn token_id(f: &GgufFile, key: &str, n_vocab: usize) -> Result<Option<u32>, TokenizerError> {
+pub(super) fn token_id(
+    f: &GgufFile,
+    key: &str,
+    n_vocab: usize,
+) -> Result<Option<u32>, TokenizerError> {
     match f.metadata().get(key) {
         None => Ok(None),
         Some(v) => {
@@ -95,8 +101,12 @@ pub(super) fn build(f: &GgufFile) -> Result<Tokenizer, TokenizerError> {
     let unsupported = || TokenizerError::Unsupported {
         model: model.into(),
         pre: pre.into(),
-        supported: "default/gpt2/starcoder/smollm/llama3 families".into(),
+        supported: "default/gpt2/starcoder/smollm/llama3 families; or llama (SentencePiece BPE)"
+            .into(),
     };
+    if model == "llama" {
+        return super::spm::build(f);
+    }
     if model != "gpt2" {
         return Err(unsupported());
     }

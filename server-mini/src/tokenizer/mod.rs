@@ -7,6 +7,7 @@
 //! a setting of the tokenizer, not an argument of `encode`.
 
 mod from_gguf;
+mod spm;
 
 use std::path::Path;
 
