@@ -10,7 +10,9 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 
 mod compress;
 mod decompress;
+mod generate;
 mod inspect;
+mod perplexity;
 mod synth;
 mod tokenize;
 
@@ -45,6 +47,8 @@ pub const SUBCOMMANDS: &[Subcommand] = &[
     Subcommand::of::<inspect::InspectArgs>(),
     Subcommand::of::<decompress::DecompressArgs>(),
     Subcommand::of::<tokenize::TokenizeArgs>(),
+    Subcommand::of::<generate::GenerateArgs>(),
+    Subcommand::of::<perplexity::PerplexityArgs>(),
 ];
 
 fn root_command() -> clap::Command {

@@ -1,0 +1,147 @@
+//! `meswitch generate`: prefill a prompt, then stream sampled tokens to
+//! stdout, on the CPU backend, optionally through one expert.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Parser;
+
+use super::Run;
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::generate::generate;
+use crate::model::{load::is_gguf, load_cpu, LoadedModel};
+use crate::sampling::SamplingParams;
+
+/// Generate text from a prompt (CPU).
+#[derive(Parser, Debug)]
+#[command(name = "generate")]
+pub struct GenerateArgs {
+    /// Base model: a .gguf file or an HF checkpoint folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Compressed expert file (from `meswitch compress`) to apply.
+    #[arg(long)]
+    expert: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as one user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Stop when the text contains this (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+/// Loads the model and, when given, its expert; returns the expert's id.
+pub fn load_with_expert(
+    model: &Path,
+    expert: Option<&Path>,
+) -> anyhow::Result<(LoadedModel, Option<usize>)> {
+    let mut m = load_cpu(model).with_context(|| format!("loading {}", model.display()))?;
+    let id = match expert {
+        Some(p) => Some(
+            m.backend
+                .load_expert(p)
+                .with_context(|| format!("loading expert {}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok((m, id))
+}
+
+fn chat_template(model: &Path) -> anyhow::Result<ChatTemplate> {
+    let t = if is_gguf(model) {
+        let f = crate::gguf::GgufFile::open(model)?;
+        ChatTemplate::from_gguf(&f)?
+    } else {
+        ChatTemplate::from_tokenizer_config(&model.join("tokenizer_config.json"))?
+    };
+    t.ok_or_else(|| anyhow::anyhow!("{} has no chat template (drop --chat)", model.display()))
+}
+
+impl Run for GenerateArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let params = self.sampling.params();
+        params.validate()?;
+        let prompt = if self.chat {
+            chat_template(&self.model)?.render(&[ChatMessage::new("user", &self.prompt)], true)?
+        } else {
+            self.prompt.clone()
+        };
+        let (m, expert) = load_with_expert(&self.model, self.expert.as_deref())?;
+        let mut ids = m.tokenizer.encode(&prompt, true)?;
+        if m.tokenizer.add_bos() && self.chat {
+            // Chat templates write the BOS text themselves.
+            if let (Some(b), [first, second, ..]) = (m.tokenizer.bos_id(), ids.as_slice()) {
+                if *first == b && *second == b {
+                    ids.remove(0);
+                }
+            }
+        }
+        let detok = |ids: &[u32]| m.tokenizer.decode(ids, true).map_err(|e| e.to_string());
+        let mut out = std::io::stdout().lock();
+        let start = std::time::Instant::now();
+        let mut first_token = None;
+        let g = generate(
+            &m.backend,
+            &detok,
+            m.tokenizer.eos_ids(),
+            &ids,
+            expert,
+            params,
+            |text| {
+                first_token.get_or_insert_with(std::time::Instant::now);
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            },
+        )?;
+        writeln!(out)?;
+        let total = start.elapsed().as_secs_f64();
+        eprintln!(
+            "[{} prompt tokens, {} generated, stop: {:?}, {:.2} s, {:.1} tokens/s overall]",
+            g.prompt_tokens,
+            g.ids.len(),
+            g.stop,
+            total,
+            g.ids.len() as f64 / total
+        );
+        Ok(())
+    }
+}

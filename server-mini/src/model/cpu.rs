@@ -1,0 +1,381 @@
+//! The forward pass on CPU.
+//!
+//! A step flattens the new tokens of every sequence into one activation
+//! matrix `h [rows, hidden]`; each linear is one multi-expert product over
+//! all rows (row b uses its sequence's expert), and only attention looks at
+//! sequences separately:
+//!
+//! ```text
+//!   rows:  | seq 0: t0 t1 t2 (prefill) | seq 1: t (decode) | seq 2: t |
+//!   h = embed(tokens)                     per-row expert embeddings
+//!   per layer:
+//!     q,k,v = linear(rms_norm(h))         one multi-expert call each
+//!     rope(q, k) at each row's position;  append k, v to each row's cache
+//!     h += o_proj(attention(q, cache))
+//!     h += down(silu(gate(n)) · up(n)),   n = rms_norm(h)
+//!   logits = lm_head(rms_norm(h[rows asked for]))
+//! ```
+
+use std::collections::BTreeMap;
+
+use meswitch_reference::container::BaseIdentity;
+
+use super::experts::{Expert, ExpertMatrix};
+use super::linear::{multi_expert_linear, ExpertLinear};
+use super::ops::{attention, rms_norm, rope, rope_inv_freq, swiglu, AttnShape, Query};
+use super::weights::{Matrix, Proj, WeightSource, Weights};
+use super::{Backend, ExpertId, LogitsWanted, ModelConfig, ModelError, SeqStep};
+
+/// Context limit when the config names none.
+const DEFAULT_MAX_CONTEXT: usize = 4096;
+
+/// A sequence's keys and values, per layer `[len, kv_dim]` (post-RoPE keys).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+    /// Floats per position per layer, set on first use.
+    kv_dim: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Forgets everything (the sequence restarts at position 0).
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+    fn truncate(&mut self, len: usize) {
+        for c in self.k.iter_mut().chain(self.v.iter_mut()) {
+            c.truncate(len * self.kv_dim);
+        }
+        self.len = len;
+    }
+}
+
+pub struct CpuBackend {
+    config: ModelConfig,
+    weights: Weights,
+    experts: Vec<Expert>,
+    identity: BaseIdentity,
+    shapes: BTreeMap<String, Vec<usize>>,
+    inv_freq: Vec<f64>,
+    max_context: usize,
+}
+
+impl CpuBackend {
+    pub fn load(src: &dyn WeightSource) -> Result<CpuBackend, ModelError> {
+        let config = ModelConfig::from_hf(&src.hf_config())?;
+        let weights = Weights::load(src, &config)?;
+        Ok(CpuBackend {
+            inv_freq: rope_inv_freq(config.head_dim, config.rope_theta),
+            max_context: config
+                .max_position_embeddings
+                .unwrap_or(DEFAULT_MAX_CONTEXT),
+            identity: src.identity(),
+            shapes: src.shapes(),
+            config,
+            weights,
+            experts: Vec::new(),
+        })
+    }
+
+    pub fn identity(&self) -> &BaseIdentity {
+        &self.identity
+    }
+
+    pub fn base_shapes(&self) -> &BTreeMap<String, Vec<usize>> {
+        &self.shapes
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    pub fn set_max_context(&mut self, n: usize) {
+        self.max_context = n;
+    }
+
+    /// Reads an expert file, checks it against this base and adds it.
+    pub fn load_expert(&mut self, path: &std::path::Path) -> Result<ExpertId, ModelError> {
+        let e = Expert::open(path, &self.config, &self.identity, &self.shapes)?;
+        Ok(self.add_expert(e))
+    }
+
+    pub fn expert_id(&self, name: &str) -> Option<ExpertId> {
+        self.experts.iter().position(|e| e.name == name)
+    }
+
+    /// One multi-expert product over all rows. The experts that have their
+    /// own version of this tensor are gathered into the op's expert list;
+    /// rows of other experts use the base.
+    fn linear<'a>(
+        &'a self,
+        base: &Matrix,
+        pick: impl Fn(&'a Expert) -> Option<&'a ExpertMatrix>,
+        x: &[f32],
+        rows: &[Option<ExpertId>],
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut list: Vec<ExpertLinear> = Vec::new();
+        let mut slot: BTreeMap<ExpertId, Option<u32>> = BTreeMap::new();
+        let row_expert: Vec<Option<u32>> = rows
+            .iter()
+            .map(|e| {
+                e.and_then(|id| {
+                    *slot.entry(id).or_insert_with(|| {
+                        pick(&self.experts[id]).map(|m| {
+                            list.push(m.linear());
+                            (list.len() - 1) as u32
+                        })
+                    })
+                })
+            })
+            .collect();
+        let mut y = vec![0f32; rows.len() * base.out_features];
+        multi_expert_linear(&base.view(), &list, x, &row_expert, &mut y)?;
+        Ok(y)
+    }
+
+    fn norm_rows<'a>(
+        &'a self,
+        h: &[f32],
+        base: &'a [f32],
+        pick: impl Fn(&'a Expert) -> Option<&'a Vec<f32>>,
+        rows: &[Option<ExpertId>],
+    ) -> Vec<f32> {
+        let d = self.config.hidden_size;
+        let mut out = vec![0f32; h.len()];
+        for ((x, y), e) in h.chunks(d).zip(out.chunks_mut(d)).zip(rows) {
+            let w = e
+                .and_then(|id| pick(&self.experts[id]))
+                .map_or(base, |v| v.as_slice());
+            rms_norm(x, w, self.config.rms_norm_eps, y);
+        }
+        out
+    }
+
+    fn validate(&self, batch: &[SeqStep<'_, KvCache>]) -> Result<(), ModelError> {
+        for s in batch {
+            if s.tokens.is_empty() {
+                return Err(ModelError::EmptyStep);
+            }
+            if let Some(&token) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
+                return Err(ModelError::Token {
+                    token,
+                    vocab: self.config.vocab_size,
+                });
+            }
+            if let Some(e) = s.expert.filter(|&e| e >= self.experts.len()) {
+                return Err(ModelError::UnknownExpert(e));
+            }
+            let len = s.cache.len + s.tokens.len();
+            if len > self.max_context {
+                return Err(ModelError::ContextFull {
+                    len,
+                    limit: self.max_context,
+                });
+            }
+            if let LogitsWanted::From(from) = s.logits {
+                if from >= s.tokens.len() {
+                    return Err(ModelError::LogitsRange {
+                        from,
+                        len: s.tokens.len(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_unchecked(
+        &self,
+        batch: &mut [SeqStep<'_, KvCache>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let c = &self.config;
+        let (hd, kv_dim, q_dim) = (c.hidden_size, c.kv_dim(), c.q_dim());
+        // Row bookkeeping: which sequence and position each row is.
+        let mut row_seq = Vec::new();
+        let mut row_pos = Vec::new();
+        let mut rows: Vec<Option<ExpertId>> = Vec::new();
+        for (s, step) in batch.iter().enumerate() {
+            for i in 0..step.tokens.len() {
+                row_seq.push(s);
+                row_pos.push(step.cache.len + i);
+                rows.push(step.expert);
+            }
+        }
+        let n = rows.len();
+
+        let mut h = vec![0f32; n * hd];
+        let tokens = batch.iter().flat_map(|s| s.tokens.iter());
+        for ((dst, &tok), e) in h.chunks_mut(hd).zip(tokens).zip(&rows) {
+            let tok = tok as usize;
+            match e.and_then(|id| self.experts[id].embed.as_ref()) {
+                Some(m) => m.row(&self.weights.embed, tok, dst),
+                None => {
+                    let src = &self.weights.embed.weights[tok * hd..(tok + 1) * hd];
+                    for (d, w) in dst.iter_mut().zip(src) {
+                        *d = w.to_f32();
+                    }
+                }
+            }
+        }
+
+        let attn_shape = AttnShape {
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            sliding_window: c.sliding_window,
+        };
+        for (l, lw) in self.weights.layers.iter().enumerate() {
+            let proj = |p: Proj| expert_proj(l, p);
+            let x = self.norm_rows(
+                &h,
+                &lw.input_norm,
+                |e| e.layers[l].input_norm.as_ref(),
+                &rows,
+            );
+            let mut q = self.linear(&lw.proj[Proj::Q.index()], proj(Proj::Q), &x, &rows)?;
+            let mut k = self.linear(&lw.proj[Proj::K.index()], proj(Proj::K), &x, &rows)?;
+            let v = self.linear(&lw.proj[Proj::V.index()], proj(Proj::V), &x, &rows)?;
+            for (t, &pos) in row_pos.iter().enumerate() {
+                rope(
+                    &mut q[t * q_dim..(t + 1) * q_dim],
+                    c.head_dim,
+                    pos,
+                    &self.inv_freq,
+                );
+                rope(
+                    &mut k[t * kv_dim..(t + 1) * kv_dim],
+                    c.head_dim,
+                    pos,
+                    &self.inv_freq,
+                );
+            }
+            for (t, &s) in row_seq.iter().enumerate() {
+                let cache = &mut *batch[s].cache;
+                if cache.k.len() != c.num_layers {
+                    cache.k.resize(c.num_layers, Vec::new());
+                    cache.v.resize(c.num_layers, Vec::new());
+                    cache.kv_dim = kv_dim;
+                }
+                cache.k[l].extend_from_slice(&k[t * kv_dim..(t + 1) * kv_dim]);
+                cache.v[l].extend_from_slice(&v[t * kv_dim..(t + 1) * kv_dim]);
+            }
+            let queries: Vec<Query> = row_seq
+                .iter()
+                .zip(&row_pos)
+                .map(|(&s, &pos)| Query {
+                    pos,
+                    keys: &batch[s].cache.k[l],
+                    values: &batch[s].cache.v[l],
+                })
+                .collect();
+            let mut attn = vec![0f32; n * q_dim];
+            attention(attn_shape, &q, &queries, &mut attn);
+            drop(queries);
+            let o = self.linear(&lw.proj[Proj::O.index()], proj(Proj::O), &attn, &rows)?;
+            add_in_place(&mut h, &o);
+
+            let x = self.norm_rows(&h, &lw.post_norm, |e| e.layers[l].post_norm.as_ref(), &rows);
+            let mut gate =
+                self.linear(&lw.proj[Proj::Gate.index()], proj(Proj::Gate), &x, &rows)?;
+            let up = self.linear(&lw.proj[Proj::Up.index()], proj(Proj::Up), &x, &rows)?;
+            swiglu(&mut gate, &up);
+            let down = self.linear(&lw.proj[Proj::Down.index()], proj(Proj::Down), &gate, &rows)?;
+            add_in_place(&mut h, &down);
+        }
+
+        // Only the rows whose logits were asked for go through the head.
+        let mut picked = Vec::new();
+        let mut start = 0;
+        for step in batch.iter() {
+            let from = match step.logits {
+                LogitsWanted::Last => step.tokens.len() - 1,
+                LogitsWanted::From(f) => f,
+            };
+            picked.extend((start + from)..(start + step.tokens.len()));
+            start += step.tokens.len();
+        }
+        let ph: Vec<f32> = picked
+            .iter()
+            .flat_map(|&t| h[t * hd..(t + 1) * hd].iter().copied())
+            .collect();
+        let prows: Vec<Option<ExpertId>> = picked.iter().map(|&t| rows[t]).collect();
+        let x = self.norm_rows(
+            &ph,
+            &self.weights.final_norm,
+            |e| e.final_norm.as_ref(),
+            &prows,
+        );
+        let logits = self.linear(self.weights.lm_head(), |e| e.lm_head(), &x, &prows)?;
+
+        let vocab = c.vocab_size;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for step in batch.iter_mut() {
+            step.cache.len += step.tokens.len();
+            let count = match step.logits {
+                LogitsWanted::Last => 1,
+                LogitsWanted::From(f) => step.tokens.len() - f,
+            };
+            out.push(logits[offset * vocab..(offset + count) * vocab].to_vec());
+            offset += count;
+        }
+        Ok(out)
+    }
+}
+
+/// The expert's version of projection `p` of layer `l`, if it has one.
+fn expert_proj(l: usize, p: Proj) -> impl for<'e> Fn(&'e Expert) -> Option<&'e ExpertMatrix> {
+    move |e| e.layers[l].proj[p.index()].as_ref()
+}
+
+fn add_in_place(h: &mut [f32], d: &[f32]) {
+    for (a, b) in h.iter_mut().zip(d) {
+        *a += b;
+    }
+}
+
+impl Backend for CpuBackend {
+    type Cache = KvCache;
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::default()
+    }
+
+    fn add_expert(&mut self, expert: Expert) -> ExpertId {
+        self.experts.push(expert);
+        self.experts.len() - 1
+    }
+
+    fn expert_names(&self) -> Vec<String> {
+        self.experts.iter().map(|e| e.name.clone()).collect()
+    }
+
+    fn forward(&self, batch: &mut [SeqStep<'_, KvCache>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.validate(batch)?;
+        let lens: Vec<usize> = batch.iter().map(|s| s.cache.len).collect();
+        let result = self.forward_unchecked(batch);
+        if result.is_err() {
+            // Leave every cache as it was before the step.
+            for (s, len) in batch.iter_mut().zip(lens) {
+                s.cache.truncate(len);
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,40 @@
+//! Opening a base model from a path: a `.gguf` file or an HF checkpoint
+//! directory, with its tokenizer.
+
+use std::path::Path;
+
+use super::{CpuBackend, GgufSource, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::gguf::GgufFile;
+use crate::tokenizer::Tokenizer;
+
+/// A loaded base model and its tokenizer.
+pub struct LoadedModel {
+    pub backend: CpuBackend,
+    pub tokenizer: Tokenizer,
+}
+
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Loads the weights on the CPU backend and the tokenizer (from the GGUF
+/// metadata, or `tokenizer.json` next to the checkpoint).
+pub fn load_cpu(path: &Path) -> Result<LoadedModel, ModelError> {
+    if is_gguf(path) {
+        let file = GgufFile::open(path).map_err(|e| ModelError::Source(e.to_string()))?;
+        let tokenizer =
+            Tokenizer::from_gguf(&file).map_err(|e| ModelError::Source(e.to_string()))?;
+        let backend = CpuBackend::load(&GgufSource::new(file))?;
+        Ok(LoadedModel { backend, tokenizer })
+    } else {
+        let ckpt = Checkpoint::open(path).map_err(|e| ModelError::Source(e.to_string()))?;
+        let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))
+            .map_err(|e| ModelError::Source(e.to_string()))?;
+        let backend = CpuBackend::load(&ckpt)?;
+        Ok(LoadedModel { backend, tokenizer })
+    }
+}

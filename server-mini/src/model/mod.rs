@@ -1,0 +1,100 @@
+//! The model runtime: a Llama/Mistral decoder whose every linear layer is a
+//! multi-expert product, so one forward step serves sequences of different
+//! experts (and of none) together.
+//!
+//! - [`config`]: hyper-parameters from an HF-style config JSON.
+//! - [`weights`]: [`WeightSource`] (checkpoint, GGUF, memory) and the FP16
+//!   base weights.
+//! - [`experts`]: experts placed in the decoder structure.
+//! - [`linear`] + [`kernels`]: the multi-expert linear op on CPU.
+//! - [`cpu`]: [`CpuBackend`], the forward pass on CPU with rayon.
+//!
+//! A step ([`Backend::forward`]) takes several sequences, each with its own
+//! KV cache, expert and new tokens: a prefill is one sequence with many
+//! tokens, a decode step is many sequences with one token each, and any mix
+//! of the two is allowed.
+
+pub mod config;
+pub mod cpu;
+pub mod experts;
+mod kernels;
+pub mod linear;
+pub mod load;
+mod ops;
+pub mod weights;
+
+use thiserror::Error;
+
+pub use config::ModelConfig;
+pub use cpu::{CpuBackend, KvCache};
+pub use experts::Expert;
+pub use load::{load_cpu, LoadedModel};
+pub use weights::{GgufSource, MemorySource, WeightSource, Weights};
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("model weights: {0}")]
+    Source(String),
+    #[error("model weights: missing tensor {0}")]
+    MissingTensor(String),
+    #[error("model weights: tensor {name} has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("expert: {0}")]
+    Expert(String),
+    #[error("unknown expert id {0}")]
+    UnknownExpert(usize),
+    #[error("token id {token} is outside the vocabulary of {vocab} tokens")]
+    Token { token: u32, vocab: usize },
+    #[error("sequence would reach {len} tokens, over the context limit of {limit}")]
+    ContextFull { len: usize, limit: usize },
+    #[error("a sequence in the batch has no new tokens")]
+    EmptyStep,
+    #[error("logits requested from token {from} of a {len}-token step")]
+    LogitsRange { from: usize, len: usize },
+    #[error("linear op: {0}")]
+    Shape(#[from] meswitch_reference::ShapeError),
+}
+
+/// Index of an expert loaded into a backend.
+pub type ExpertId = usize;
+
+/// Which positions of a step produce logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// Only the last new token (generation).
+    Last,
+    /// Every new token from this index of the step's tokens on (perplexity).
+    From(usize),
+}
+
+/// One sequence's part of a step.
+pub struct SeqStep<'a, C> {
+    /// Tokens appended to the sequence in this step (at least one).
+    pub tokens: &'a [u32],
+    pub cache: &'a mut C,
+    pub expert: Option<ExpertId>,
+    pub logits: LogitsWanted,
+}
+
+/// What a compute backend provides. Only [`CpuBackend`] exists now; a CUDA
+/// backend keeps the same shape with device-resident weights and caches.
+pub trait Backend {
+    /// A sequence's KV cache, resident where the backend computes.
+    type Cache;
+
+    fn config(&self) -> &ModelConfig;
+    fn new_cache(&self) -> Self::Cache;
+    /// Adds an expert; the returned id names it in [`SeqStep::expert`].
+    fn add_expert(&mut self, expert: Expert) -> ExpertId;
+    fn expert_names(&self) -> Vec<String>;
+    /// Runs the new tokens of every sequence, appends them to the caches
+    /// and returns, per sequence, the logits asked for
+    /// (`[n_positions, vocab]` row-major).
+    fn forward(&self, batch: &mut [SeqStep<'_, Self::Cache>]) -> Result<Vec<Vec<f32>>, ModelError>;
+}
