@@ -155,3 +155,37 @@ fn smollm2_long_texts_match_llama_cpp() {
         assert_eq!(tok.decode(&got, false).unwrap(), text);
     }
 }
+
+/// `add_bos_token: false` in tokenizer_config.json wins over a post-processor that adds BOS
+/// (as in transformers); the same tokenizer.json with the shipped config adds it.
+#[test]
+fn tokenizer_config_add_bos_overrides_post_processor() {
+    let Some(src) = testdata::require(
+        "shared/data/mistral",
+        testdata::shared_data_dir()
+            .map(|d| d.join("mistral"))
+            .filter(|d| d.is_dir()),
+    ) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("meswitch-tok-nobos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"add_bos_token": false, "bos_token": "<s>", "eos_token": "</s>"}"#,
+    )
+    .unwrap();
+    let tok = Tokenizer::from_model_path(&dir).unwrap();
+    assert!(!tok.add_bos());
+    assert_eq!(tok.encode("Hello world", true).unwrap(), vec![22557, 1526]);
+    // An explicit "<s>" in the text is still a token of its own.
+    assert_eq!(tok.encode("<s>Hello", true).unwrap()[0], 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let shipped = Tokenizer::from_model_path(&src).unwrap();
+    assert_eq!(
+        shipped.encode("Hello world", true).unwrap(),
+        vec![1, 22557, 1526]
+    );
+}

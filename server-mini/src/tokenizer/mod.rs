@@ -47,6 +47,16 @@ pub enum TokenizerError {
     Decode(String),
 }
 
+/// BOS handling on top of the `tokenizers` pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BosFix {
+    None,
+    /// We put BOS first (GGUF vocabularies, or an HF post-processor that does not add it).
+    Prepend,
+    /// The post-processor adds BOS but the config says not to: drop it.
+    StripFirst,
+}
+
 pub struct Tokenizer {
     /// Special tokens in the text are matched.
     special: tokenizers::Tokenizer,
@@ -54,6 +64,8 @@ pub struct Tokenizer {
     plain: tokenizers::Tokenizer,
     /// Run the tokenizer's post-processor (HF files: it adds BOS itself when configured).
     post_process: bool,
+    /// What encode does about BOS beyond the post-processor.
+    fix_bos: BosFix,
     bos: Option<u32>,
     add_bos: bool,
     eos: Vec<u32>,
@@ -79,10 +91,17 @@ impl Tokenizer {
         let mut plain = special.clone();
         plain.set_encode_special_tokens(true);
         let vocab_size = special.get_vocab_size(true);
+        // GGUF vocabularies have no post-processor: BOS is ours to add.
+        let fix_bos = if add_bos && !post_process {
+            BosFix::Prepend
+        } else {
+            BosFix::None
+        };
         Tokenizer {
             special,
             plain,
             post_process,
+            fix_bos,
             bos,
             add_bos,
             eos,
@@ -122,8 +141,9 @@ impl Tokenizer {
                 None => {}
             }
         }
-        // Does the post-processor put BOS first? (Then `add_bos` is true and encode gets it.)
-        let adds_bos = match bos {
+        // Does the post-processor put BOS first? `add_bos_token` in tokenizer_config.json wins
+        // over it, as in transformers (which rebuilds the post-processor from that flag).
+        let pp_adds_bos = match bos {
             Some(b) => {
                 let e = tk
                     .encode("a", true)
@@ -132,7 +152,18 @@ impl Tokenizer {
             }
             None => false,
         };
-        Ok(Tokenizer::new(tk, true, bos, adds_bos, eos))
+        let wanted = config
+            .as_ref()
+            .and_then(|c| c.get("add_bos_token"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(pp_adds_bos);
+        let mut t = Tokenizer::new(tk, true, bos, wanted && bos.is_some(), eos);
+        t.fix_bos = match (wanted, pp_adds_bos) {
+            (true, false) => BosFix::Prepend,
+            (false, true) => BosFix::StripFirst,
+            _ => BosFix::None,
+        };
+        Ok(t)
     }
 
     /// The tokenizer of a model given by path: a `.gguf` file (its metadata tokenizer), a
@@ -165,10 +196,13 @@ impl Tokenizer {
             .encode(text, self.post_process)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        if self.add_bos && !self.post_process {
+        if self.fix_bos == BosFix::Prepend {
             ids.extend(self.bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        let enc_ids = enc.get_ids();
+        let skip =
+            usize::from(self.fix_bos == BosFix::StripFirst && enc_ids.first() == self.bos.as_ref());
+        ids.extend_from_slice(&enc_ids[skip..]);
         Ok(ids)
     }
 
