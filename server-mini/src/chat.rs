@@ -194,4 +194,35 @@ mod tests {
             Err(ChatError::Syntax(_))
         ));
     }
+
+    #[test]
+    fn tokenizer_config_string_and_named_list_forms() {
+        let dir = std::env::temp_dir().join(format!("meswitch-chat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer_config.json");
+        let msgs = [ChatMessage::new("user", "hi")];
+
+        let cfg = serde_json::json!({"chat_template": "{{ bos_token }}{{ messages[0].content }}", "bos_token": {"content": "<s>"}});
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let t = ChatTemplate::from_tokenizer_config(&path).unwrap().unwrap();
+        assert_eq!(t.render(&msgs, false).unwrap(), "<s>hi");
+
+        let cfg = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "TOOLS"},
+            {"name": "default", "template": "{{ messages | length }}{{ eos_token }}"}], "eos_token": "</s>"});
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let t = ChatTemplate::from_tokenizer_config(&path).unwrap().unwrap();
+        assert_eq!(t.render(&msgs, false).unwrap(), "1</s>");
+
+        std::fs::write(&path, "{}").unwrap();
+        assert!(ChatTemplate::from_tokenizer_config(&path)
+            .unwrap()
+            .is_none());
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(matches!(
+            ChatTemplate::from_tokenizer_config(&path),
+            Err(ChatError::Config { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
