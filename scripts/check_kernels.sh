@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # bindgen needs libclang; Debian/Ubuntu CI images install it on demand.
 if ! ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so'; then
   if command -v apt-get >/dev/null; then
-    apt-get install -y -q libclang-dev >/dev/null
+    # A fresh machine has no package lists until the first update.
+    apt-get update -q >/dev/null && apt-get install -y -q libclang-dev >/dev/null
   else
     echo "libclang not found: install libclang-dev (needed by scripts/check_abi.sh)" >&2
     exit 1
