@@ -186,11 +186,13 @@ impl Checkpoint {
 
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, CheckpointError> {
         let dtype = self.float_dtype(name)?;
-        Ok(dtype.decode_f32(self.bytes(name)?))
+        let values = dtype.decode_f32(self.bytes(name)?);
+        self.release_pages(name);
+        Ok(values)
     }
 
     pub fn tensor_f16(&self, name: &str) -> Result<Vec<f16>, CheckpointError> {
-        match self.float_dtype(name)? {
+        let values = match self.float_dtype(name)? {
             FloatDtype::F16 => Ok(self
                 .bytes(name)?
                 .chunks_exact(2)
@@ -201,6 +203,28 @@ impl Checkpoint {
                 .into_iter()
                 .map(f16::from_f32)
                 .collect()),
+        };
+        self.release_pages(name);
+        values
+    }
+
+    /// Drops a decoded tensor's pages from this process's resident set, so
+    /// streaming over a model keeps RSS near one tensor instead of growing
+    /// to the whole mapped file (the kernel keeps them in its page cache).
+    fn release_pages(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(t) = self.tensors.get(name) {
+            // SAFETY: the map is a read-only shared file mapping; after
+            // MADV_DONTNEED a later access faults the same bytes back in from
+            // the file, so any slice still borrowed keeps its contents. The
+            // call is advisory: failure changes nothing but memory use.
+            let _ = unsafe {
+                self.shards[t.shard].map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    t.start,
+                    t.end - t.start,
+                )
+            };
         }
     }
 
@@ -270,11 +294,17 @@ impl Checkpoint {
     /// Maps one shard and indexes its tensors (only `wanted` ones when the
     /// index names them; each of those must be present).
     fn add_shard(&mut self, path: &Path, wanted: Option<&[&str]>) -> Result<(), CheckpointError> {
-        let file = File::open(path).map_err(|error| CheckpointError::Io { path: path.to_path_buf(), error })?;
+        let file = File::open(path).map_err(|error| CheckpointError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?;
         // SAFETY: the map is read-only; a checkpoint being rewritten under a
         // running process is outside what meswitch supports (as for every
         // mmap-based model loader).
-        let map = unsafe { Mmap::map(&file) }.map_err(|error| CheckpointError::Io { path: path.to_path_buf(), error })?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|error| CheckpointError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?;
         let (header_len, metadata) =
             SafeTensors::read_metadata(&map).map_err(|e| CheckpointError::Safetensors {
                 path: path.to_path_buf(),
@@ -324,6 +354,12 @@ impl Checkpoint {
 }
 
 fn read_json(path: &Path) -> Result<Value, CheckpointError> {
-    let text = std::fs::read_to_string(path).map_err(|error| CheckpointError::Io { path: path.to_path_buf(), error })?;
-    serde_json::from_str(&text).map_err(|error| CheckpointError::Json { path: path.to_path_buf(), error })
+    let text = std::fs::read_to_string(path).map_err(|error| CheckpointError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    serde_json::from_str(&text).map_err(|error| CheckpointError::Json {
+        path: path.to_path_buf(),
+        error,
+    })
 }
