@@ -21,6 +21,20 @@ pub enum GenerateError {
 /// Turns ids back into text (the tokenizer, seen from the generation loop).
 pub trait Detokenize {
     fn detokenize(&self, ids: &[u32]) -> Result<String, String>;
+    /// Ids at or past this are never sampled (models often pad their
+    /// embedding past the tokenizer's vocabulary).
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl Detokenize for crate::tokenizer::Tokenizer {
+    fn detokenize(&self, ids: &[u32]) -> Result<String, String> {
+        self.decode(ids, true).map_err(|e| e.to_string())
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        Some(crate::tokenizer::Tokenizer::vocab_size(self))
+    }
 }
 
 impl<F: Fn(&[u32]) -> Result<String, String>> Detokenize for F {
@@ -43,6 +57,10 @@ pub struct Generation {
     pub text: String,
     pub stop: StopReason,
     pub prompt_tokens: usize,
+    /// Wall time of the prompt's forward step (first token's logits).
+    pub prefill_time: std::time::Duration,
+    /// Wall time of the forward steps after it (one per further token).
+    pub decode_time: std::time::Duration,
 }
 
 /// Bytes of text held back while they could still be the start of a stop
@@ -85,6 +103,8 @@ pub fn generate<B: Backend>(
     let mut emitted = 0;
     let mut text = String::new();
     let mut next_input: Vec<u32> = prompt.to_vec();
+    let mut prefill_time = std::time::Duration::ZERO;
+    let mut decode_time = std::time::Duration::ZERO;
     let stop = loop {
         if ids.len() >= params.max_tokens {
             break StopReason::MaxTokens;
@@ -95,7 +115,19 @@ pub fn generate<B: Backend>(
             expert,
             logits: LogitsWanted::Last,
         }];
+        let started = std::time::Instant::now();
         let mut logits = backend.forward(&mut step)?.remove(0);
+        if ids.is_empty() {
+            prefill_time = started.elapsed();
+        } else {
+            decode_time += started.elapsed();
+        }
+        if let Some(v) = detok.vocab_size() {
+            logits
+                .iter_mut()
+                .skip(v)
+                .for_each(|l| *l = f32::NEG_INFINITY);
+        }
         let token = sampler.sample(&mut logits, &context);
         ids.push(token);
         context.push(token);
@@ -131,6 +163,8 @@ pub fn generate<B: Backend>(
         text,
         stop,
         prompt_tokens: prompt.len(),
+        prefill_time,
+        decode_time,
     })
 }
 

@@ -115,32 +115,33 @@ impl Run for GenerateArgs {
                 }
             }
         }
-        let detok = |ids: &[u32]| m.tokenizer.decode(ids, true).map_err(|e| e.to_string());
         let mut out = std::io::stdout().lock();
         let start = std::time::Instant::now();
-        let mut first_token = None;
         let g = generate(
             &m.backend,
-            &detok,
+            &m.tokenizer,
             m.tokenizer.eos_ids(),
             &ids,
             expert,
             params,
             |text| {
-                first_token.get_or_insert_with(std::time::Instant::now);
                 let _ = out.write_all(text.as_bytes());
                 let _ = out.flush();
             },
         )?;
         writeln!(out)?;
         let total = start.elapsed().as_secs_f64();
+        let decoded = g.ids.len().saturating_sub(1);
         eprintln!(
-            "[{} prompt tokens, {} generated, stop: {:?}, {:.2} s, {:.1} tokens/s overall]",
+            "[{} prompt tokens in {:.3} s ({:.1} tokens/s); {} decode steps in {:.3} s ({:.1} tokens/s); stop: {:?}; {:.2} s total]",
             g.prompt_tokens,
-            g.ids.len(),
+            g.prefill_time.as_secs_f64(),
+            g.prompt_tokens as f64 / g.prefill_time.as_secs_f64(),
+            decoded,
+            g.decode_time.as_secs_f64(),
+            decoded as f64 / g.decode_time.as_secs_f64(),
             g.stop,
-            total,
-            g.ids.len() as f64 / total
+            total
         );
         Ok(())
     }
