@@ -74,8 +74,8 @@ fn base_model(seed: u64) -> MemorySource {
     }
 }
 
-/// An expert with INT4 deltas on every projection of layer `layer`, and its
-/// own final norm; returns the file and the dense expert model it encodes.
+/// An expert with INT4 deltas on every projection of layer `layer`, its
+/// own final norm, and for `layer == 1` an INT2 delta on the tied embeddings; returns the file and the dense expert model it encodes.
 fn expert(base: &MemorySource, name: &str, seed: u64, layer: usize) -> (ExpertFile, MemorySource) {
     let c = config();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -105,6 +105,26 @@ fn expert(base: &MemorySource, name: &str, seed: u64, layer: usize) -> (ExpertFi
             *w = f16::from_f32(w.to_f32() + d);
         }
         tensors.insert(name, ExpertTensor::Delta(packed));
+    }
+    if layer == 1 {
+        // This expert also changes the (tied) embeddings by a delta, so its
+        // lm_head changes too.
+        let (v, h) = (c.vocab_size, c.hidden_size);
+        let delta: Vec<f32> = (0..v * h).map(|_| rng.random_range(-0.2f32..0.2)).collect();
+        let settings = CompressSettings {
+            bits: Bits::Two,
+            group_size: 32,
+            salient: SalientSpec::Count(1),
+            round_to_nearest: false,
+            activation_weighted_fit: false,
+        };
+        let packed = compress_matrix(&delta, v, h, &settings, None).unwrap();
+        let hat = packed.dequantize();
+        let entry = dense.tensors.get_mut(names::EMBED).unwrap();
+        for (w, d) in entry.1.iter_mut().zip(&hat) {
+            *w = f16::from_f32(w.to_f32() + d);
+        }
+        tensors.insert(names::EMBED.to_string(), ExpertTensor::Delta(packed));
     }
     let norm: Vec<f16> = (0..c.hidden_size)
         .map(|_| f16::from_f32(rng.random_range(0.5..1.5)))
