@@ -85,7 +85,10 @@ impl TensorFileWriter {
                 reason: e.to_string(),
             })?;
         header_bytes.resize(header_bytes.len().next_multiple_of(HEADER_ALIGN), b' ');
-        let file = File::create(path).map_err(|error| CheckpointError::Io { path: path.to_path_buf(), error })?;
+        let file = File::create(path).map_err(|error| CheckpointError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?;
         let mut writer = TensorFileWriter {
             path: path.to_path_buf(),
             out: BufWriter::new(file),
@@ -126,7 +129,10 @@ impl TensorFileWriter {
         if let Some(t) = self.next_tensor() {
             return Err(self.error(format!("tensor {} was never written", t.name)));
         }
-        self.out.flush().map_err(|error| CheckpointError::Io { path: self.path.clone(), error })?;
+        self.out.flush().map_err(|error| CheckpointError::Io {
+            path: self.path.clone(),
+            error,
+        })?;
         Ok(self.path)
     }
 
@@ -150,7 +156,10 @@ impl TensorFileWriter {
     fn put(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
         self.out
             .write_all(bytes)
-            .map_err(|error| CheckpointError::Io { path: self.path.clone(), error })
+            .map_err(|error| CheckpointError::Io {
+                path: self.path.clone(),
+                error,
+            })
     }
 
     fn error(&self, reason: String) -> CheckpointError {
@@ -179,7 +188,10 @@ pub fn write_checkpoint(
     config: &Value,
     tensors: &[(String, Vec<usize>, Vec<f16>)],
 ) -> Result<(), CheckpointError> {
-    std::fs::create_dir_all(dir).map_err(|error| CheckpointError::Io { path: dir.to_path_buf(), error })?;
+    std::fs::create_dir_all(dir).map_err(|error| CheckpointError::Io {
+        path: dir.to_path_buf(),
+        error,
+    })?;
     write_config(dir, config)?;
     let mut order: Vec<&(String, Vec<usize>, Vec<f16>)> = tensors.iter().collect();
     order.sort_by(|a, b| a.0.cmp(&b.0));
