@@ -103,8 +103,7 @@ pub fn linear_kind(name: &str) -> Option<&'static str> {
         ("mlp", "up_proj"),
         ("mlp", "down_proj"),
     ];
-    let (layer, block, proj) = parse_layer_weight(name)?;
-    let _ = layer;
+    let (_, block, proj) = parse_layer_weight(name)?;
     PROJECTIONS
         .iter()
         .find(|(b, p)| *b == block && *p == proj)
