@@ -198,7 +198,10 @@ pub fn write_family(
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut writers = Vec::with_capacity(settings.experts + 1);
     for d in std::iter::once(&base_dir).chain(&expert_dirs) {
-        std::fs::create_dir_all(d).map_err(|error| CheckpointError::Io { path: d.clone(), error })?;
+        std::fs::create_dir_all(d).map_err(|error| CheckpointError::Io {
+            path: d.clone(),
+            error,
+        })?;
         write_config(d, &config)?;
         tokenizer::write_files(d)?;
         writers.push(TensorFileWriter::create(
