@@ -316,3 +316,20 @@ fn bad_steps_are_errors_and_leave_caches_alone() {
         .is_err());
     assert!(c.is_empty());
 }
+
+/// Mistral's sliding window: with window 2 and 2 layers the last position
+/// sees tokens 3..5 of 6 at most, so earlier tokens cannot change its
+/// logits; without the window they do.
+#[test]
+fn sliding_window_limits_what_the_last_token_sees() {
+    let mut base = base_model(10);
+    let logits_for = |src: &MemorySource, tokens: &[u32]| {
+        let b = CpuBackend::load(src).unwrap();
+        run(&b, vec![(tokens.to_vec(), None)]).remove(0)
+    };
+    let a = [1u32, 2, 3, 4, 5, 6];
+    let b = [9u32, 8, 7, 4, 5, 6];
+    assert!(max_diff(&logits_for(&base, &a), &logits_for(&base, &b)) > 1e-3);
+    base.config["sliding_window"] = serde_json::json!(2);
+    assert_eq!(logits_for(&base, &a), logits_for(&base, &b));
+}
