@@ -30,11 +30,21 @@ fn bench(c: &mut Criterion) {
                 round_to_nearest: false,
                 activation_weighted_fit: false,
             };
-            let label = format!("int{}_{}", bits.count(), if aware { "act" } else { "data_free" });
+            let label = format!(
+                "int{}_{}",
+                bits.count(),
+                if aware { "act" } else { "data_free" }
+            );
             group.bench_function(BenchmarkId::from_parameter(label), |b| {
                 b.iter(|| {
-                    compress_matrix(&delta, HIDDEN, HIDDEN, &settings, aware.then_some(&energy[..]))
-                        .unwrap()
+                    compress_matrix(
+                        &delta,
+                        HIDDEN,
+                        HIDDEN,
+                        &settings,
+                        aware.then_some(&energy[..]),
+                    )
+                    .unwrap()
                 })
             });
         }
