@@ -1,14 +1,14 @@
-//! meswitch-server: checkpoints, the compression pipeline, and (later) the
-//! model runtime, router and HTTP server.
-pub mod router;
+//! meswitch-server: checkpoints, the compression pipeline, the model runtime,
+//! model runtime, router and (later) the HTTP server.
+pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod compress;
-pub mod synth;
-pub mod gguf;
-pub mod testdata;
-pub mod model;
-pub mod tokenizer;
-pub mod chat;
-pub mod sampling;
 pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod router;
+pub mod sampling;
+pub mod synth;
+pub mod testdata;
+pub mod tokenizer;
