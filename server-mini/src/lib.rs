@@ -1,5 +1,5 @@
 //! meswitch-server: checkpoints, the compression pipeline, the model runtime,
-//! model runtime, router and (later) the HTTP server.
+//! the router and (later) the HTTP server.
 pub mod chat;
 pub mod checkpoint;
 pub mod cli;
