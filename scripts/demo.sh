@@ -2,7 +2,7 @@
 # The main job until the server lands: build the synthetic demo family (a small
 # Mistral-architecture base + 16 fine-tune-like experts; synthetic, deterministic),
 # compress every expert to INT2 with 1% salient channels, inspect one, and check one
-# by decompressing it. Runs on the CPU.
+# by decompressing it, then generate with it. Runs on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/demo}
@@ -20,4 +20,8 @@ done
 first=$(ls "$out"/compressed/*.safetensors | head -n 1)
 "$bin" inspect "$first"
 "$bin" decompress --base "$out/family/base" --delta "$first" -o "$out/decompressed"
+# Generate on the CPU with the base plus one compressed expert (synthetic weights: the text is noise;
+# what it shows is the runtime applying a compressed delta).
+"$bin" generate --model "$out/family/base" --expert "$first" --prompt "Hello" --max-tokens 16
+echo
 echo "demo family: $out/family; compressed experts: $out/compressed; reconstructed expert: $out/decompressed"
