@@ -180,18 +180,43 @@ pub(super) fn build(f: &GgufFile) -> Result<Tokenizer, TokenizerError> {
 
     // Control tokens are special (hidden by decode(skip_special), text parsed only with
     // parse_special); user-defined tokens are always matched in text, like llama.cpp.
+    finish(
+        f,
+        tk,
+        &tokens,
+        &types,
+        &[token_type::CONTROL],
+        llama3_family,
+    )
+}
+
+/// What every GGUF vocabulary shares once its model is built: tokens of the
+/// `special_types` become special added tokens (hidden by
+/// `decode(skip_special)`, matched in text only with `parse_special`),
+/// user-defined tokens are always matched, like llama.cpp; then BOS, the
+/// end-of-generation ids and the add-BOS flag (`default_add_bos` when the
+/// file does not say).
+pub(super) fn finish(
+    f: &GgufFile,
+    mut tk: tokenizers::Tokenizer,
+    tokens: &[&str],
+    types: &[i64],
+    special_types: &[i64],
+    default_add_bos: bool,
+) -> Result<Tokenizer, TokenizerError> {
     let mut special = Vec::new();
     let mut user = Vec::new();
-    for (tok, &ty) in tokens.iter().zip(&types) {
-        match ty {
-            token_type::CONTROL => special.push(AddedToken::from(tok.to_string(), true)),
-            token_type::USER_DEFINED => user.push(AddedToken::from(tok.to_string(), false)),
-            _ => {}
+    for (tok, ty) in tokens.iter().zip(types) {
+        if special_types.contains(ty) {
+            special.push(AddedToken::from(tok.to_string(), true));
+        } else if *ty == token_type::USER_DEFINED {
+            user.push(AddedToken::from(tok.to_string(), false));
         }
     }
     tk.add_special_tokens(&special);
     tk.add_tokens(&user);
 
+    let n_vocab = tokens.len();
     let bos = token_id(f, "tokenizer.ggml.bos_token_id", n_vocab)?;
     let mut eos = Vec::new();
     for key in [
@@ -201,10 +226,11 @@ pub(super) fn build(f: &GgufFile) -> Result<Tokenizer, TokenizerError> {
     ] {
         eos.extend(token_id(f, key, n_vocab)?);
     }
-    let add_bos = meta
+    let add_bos = f
+        .metadata()
         .get("tokenizer.ggml.add_bos_token")
         .and_then(GgufValue::as_bool)
-        .unwrap_or(llama3_family);
+        .unwrap_or(default_add_bos);
     if add_bos && bos.is_none() {
         return Err(meta_err(
             "tokenizer.ggml.bos_token_id",

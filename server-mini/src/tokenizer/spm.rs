@@ -6,7 +6,7 @@
 //!   score (SentencePiece merges the highest-scoring adjacent pair first, as llama.cpp does);
 //! - decoder: "▁" → " ", byte fallback, fuse, strip the one leading space.
 
-use super::from_gguf::{meta_err, string_array, token_id, token_type};
+use super::from_gguf::{finish, meta_err, string_array, token_id, token_type};
 use super::{Tokenizer, TokenizerError};
 use crate::gguf::{GgufFile, GgufValue};
 use tokenizers::decoders::byte_fallback::ByteFallback;
@@ -15,7 +15,7 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper};
+use tokenizers::{DecoderWrapper, NormalizerWrapper};
 
 /// SentencePiece's word-boundary marker (U+2581), which stands for a space.
 const SPACE_MARK: &str = "\u{2581}";
@@ -122,39 +122,13 @@ pub(super) fn build(f: &GgufFile) -> Result<Tokenizer, TokenizerError> {
     }
     tk.with_decoder(Some(DecoderSequence::new(dec)));
 
-    let mut special = Vec::new();
-    let mut user = Vec::new();
-    for (tok, &ty) in tokens.iter().zip(&types) {
-        match ty {
-            token_type::CONTROL | token_type::UNKNOWN => {
-                special.push(AddedToken::from(tok.to_string(), true))
-            }
-            token_type::USER_DEFINED => user.push(AddedToken::from(tok.to_string(), false)),
-            _ => {}
-        }
-    }
-    tk.add_special_tokens(&special);
-    tk.add_tokens(&user);
-
-    let bos = token_id(f, "tokenizer.ggml.bos_token_id", n_vocab)?;
-    let mut eos = Vec::new();
-    for key in [
-        "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.eot_token_id",
-        "tokenizer.ggml.eom_token_id",
-    ] {
-        eos.extend(token_id(f, key, n_vocab)?);
-    }
     // llama.cpp adds BOS for SentencePiece vocabularies unless the file says otherwise.
-    let add_bos = meta
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(GgufValue::as_bool)
-        .unwrap_or(true);
-    if add_bos && bos.is_none() {
-        return Err(meta_err(
-            "tokenizer.ggml.bos_token_id",
-            "is missing but add_bos_token is true",
-        ));
-    }
-    Ok(Tokenizer::new(tk, false, bos, add_bos, eos))
+    finish(
+        f,
+        tk,
+        &tokens,
+        &types,
+        &[token_type::CONTROL, token_type::UNKNOWN],
+        true,
+    )
 }
