@@ -73,3 +73,18 @@ pub enum ShapeError {
         base_in: usize,
     },
 }
+
+impl ShapeError {
+    /// `Ok` when a buffer holds exactly the elements a shape needs.
+    pub fn check_len(what: &'static str, expected: usize, found: usize) -> Result<(), ShapeError> {
+        if expected == found {
+            Ok(())
+        } else {
+            Err(ShapeError::Length {
+                what,
+                expected,
+                found,
+            })
+        }
+    }
+}

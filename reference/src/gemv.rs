@@ -25,18 +25,6 @@ pub struct BaseView<'a> {
     pub weights: &'a [f16],
 }
 
-fn check_len(what: &'static str, expected: usize, found: usize) -> Result<(), ShapeError> {
-    if expected == found {
-        Ok(())
-    } else {
-        Err(ShapeError::Length {
-            what,
-            expected,
-            found,
-        })
-    }
-}
-
 fn check_inputs(
     out_features: usize,
     in_features: usize,
@@ -46,8 +34,8 @@ fn check_inputs(
     y_len: usize,
 ) -> Result<(), ShapeError> {
     let batch = row_expert.len();
-    check_len("x", batch * in_features, x_len)?;
-    check_len("y", batch * out_features, y_len)?;
+    ShapeError::check_len("x", batch * in_features, x_len)?;
+    ShapeError::check_len("y", batch * out_features, y_len)?;
     for (i, e) in experts.iter().enumerate() {
         if e.layout.out_features != out_features || e.layout.in_features != in_features {
             return Err(ShapeError::ExpertShape {
@@ -138,7 +126,7 @@ pub fn multi_expert_gemv_f32(
     y: &mut [f32],
 ) -> Result<(), ShapeError> {
     let (o, i) = (base.out_features, base.in_features);
-    check_len("base", o * i, base.weights.len())?;
+    ShapeError::check_len("base", o * i, base.weights.len())?;
     check_inputs(o, i, experts, x.len(), row_expert, y.len())?;
     y.copy_from_slice(&gemv_f32(Some(base), o, i, experts, x, row_expert));
     Ok(())
@@ -154,7 +142,7 @@ pub fn multi_expert_gemv(
     y: &mut [f16],
 ) -> Result<(), ShapeError> {
     let (o, i) = (base.out_features, base.in_features);
-    check_len("base", o * i, base.weights.len())?;
+    ShapeError::check_len("base", o * i, base.weights.len())?;
     check_inputs(o, i, experts, x.len(), row_expert, y.len())?;
     let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
     let yf = gemv_f32(Some(base), o, i, experts, &xf, row_expert);
@@ -205,9 +193,9 @@ pub fn dequantize_f16(
     out: &mut [f16],
 ) -> Result<(), ShapeError> {
     let (o, i) = (delta.layout.out_features, delta.layout.in_features);
-    check_len("out", o * i, out.len())?;
+    ShapeError::check_len("out", o * i, out.len())?;
     if let Some(b) = base {
-        check_len("base", o * i, b.weights.len())?;
+        ShapeError::check_len("base", o * i, b.weights.len())?;
         if b.out_features != o || b.in_features != i {
             return Err(ShapeError::ExpertShape {
                 expert: 0,

@@ -46,18 +46,6 @@ impl ExpertLinear<'_> {
     }
 }
 
-fn check(what: &'static str, expected: usize, found: usize) -> Result<(), ShapeError> {
-    if expected == found {
-        Ok(())
-    } else {
-        Err(ShapeError::Length {
-            what,
-            expected,
-            found,
-        })
-    }
-}
-
 /// `Y[b] = X[b]·W_{e(b)}ᵀ` for the batch `X [batch, in]` (row-major), where
 /// `row_expert[b]` indexes `experts`. See the module comment for the cases.
 pub fn multi_expert_linear(
@@ -69,9 +57,9 @@ pub fn multi_expert_linear(
 ) -> Result<(), ShapeError> {
     let (out, inp) = (base.out_features, base.in_features);
     let batch = row_expert.len();
-    check("base", out * inp, base.weights.len())?;
-    check("x", batch * inp, x.len())?;
-    check("y", batch * out, y.len())?;
+    ShapeError::check_len("base", out * inp, base.weights.len())?;
+    ShapeError::check_len("x", batch * inp, x.len())?;
+    ShapeError::check_len("y", batch * out, y.len())?;
     for (i, e) in experts.iter().enumerate() {
         let (o, n) = e.shape();
         if (o, n) != (out, inp) {
@@ -84,7 +72,7 @@ pub fn multi_expert_linear(
             });
         }
         if let ExpertLinear::Dense(w) = e {
-            check("expert dense weight", out * inp, w.weights.len())?;
+            ShapeError::check_len("expert dense weight", out * inp, w.weights.len())?;
         }
     }
     for (row, e) in row_expert.iter().enumerate() {
