@@ -52,5 +52,11 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    // No HTML plots: criterion's plotters backend needs system fonts, which a
+    // bare build machine or CI image does not have; the figures go to docs/perf.md.
+    config = Criterion::default().without_plots();
+    targets = bench
+}
 criterion_main!(benches);
