@@ -1,4 +1,5 @@
-//! Where tests find the shared real-model data (SmolLM2 GGUF, tokenizer goldens).
+//! Where tests find the shared real data (`../shared/data`: SmolLM2 GGUF and goldens, real
+//! deltas, routing data).
 //!
 //! Lookup order for the GGUF: `$MESWITCH_SMOLLM2_GGUF`, then `../shared/data/smollm2/`, then
 //! `.data/` in the repository root. Tests that need it call [`require`]: when the file is missing
@@ -23,10 +24,15 @@ pub fn shared_data_dir() -> Option<PathBuf> {
     d.is_dir().then_some(d)
 }
 
+/// A folder of the shared data (`deltas`, `router`, `smollm2`, ...), if present.
+pub fn shared_data(sub: &str) -> Option<PathBuf> {
+    let d = shared_data_dir()?.join(sub);
+    d.is_dir().then_some(d)
+}
+
 /// Folder with the SmolLM2 goldens (`tokenizer_goldens.jsonl`, ...), if present.
 pub fn smollm2_dir() -> Option<PathBuf> {
-    let d = shared_data_dir()?.join("smollm2");
-    d.is_dir().then_some(d)
+    shared_data("smollm2")
 }
 
 /// Path of the SmolLM2 GGUF, if it can be found.
@@ -49,10 +55,8 @@ pub fn require(what: &str, found: Option<PathBuf>) -> Option<PathBuf> {
         return found;
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{what} not found and CI=true (see shared/data/smollm2/README.md, fetch.sh)");
+        panic!("{what} not found and CI=true (see ../shared/data/README.md)");
     }
-    eprintln!(
-        "SKIP: {what} not found (set MESWITCH_SMOLLM2_GGUF or run shared/data/smollm2/fetch.sh)"
-    );
+    eprintln!("SKIP: {what} not found (see ../shared/data/README.md)");
     None
 }

@@ -4,19 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use meswitch_server::testdata;
+
 fn data_dir() -> Option<PathBuf> {
     // MESWITCH_DELTAS_DIR points elsewhere (e.g. a build outside the repo).
-    let dir = std::env::var_os("MESWITCH_DELTAS_DIR")
+    let found = std::env::var_os("MESWITCH_DELTAS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/deltas"));
-    if dir.join("base/config.json").is_file() {
-        Some(dir)
-    } else if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{} is missing (required in CI)", dir.display());
-    } else {
-        eprintln!("skipping: {} not found", dir.display());
-        None
-    }
+        .or_else(|| testdata::shared_data("deltas"));
+    testdata::require("real deltas", found)
 }
 
 /// Runs compress and returns the `all` row's output error ‖X(Δ−Δ̂)ᵀ‖/‖XΔᵀ‖

@@ -3,30 +3,17 @@
 //! on dev. The issue quotes 97.5% for this baseline; a router on the base
 //! model's hidden states must beat it.
 
-use std::path::PathBuf;
-
 use meswitch_server::router::dataset::{label_indices, read_jsonl};
 use meswitch_server::router::metrics::Confusion;
 use meswitch_server::router::softmax::{SoftmaxClassifier, TrainConfig};
 use meswitch_server::router::tfidf::{TfidfConfig, TfidfVectorizer};
-
-fn data_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/router");
-    if dir.join("train.jsonl").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "router data missing at {} (required in CI)",
-        dir.display()
-    );
-    eprintln!("skipped: {} not found", dir.display());
-    None
-}
+use meswitch_server::testdata;
 
 #[test]
 fn tfidf_baseline_on_real_routing_data() {
-    let Some(dir) = data_dir() else { return };
+    let Some(dir) = testdata::require("router data", testdata::shared_data("router")) else {
+        return;
+    };
     let train = read_jsonl(&dir.join("train.jsonl")).unwrap();
     let dev = read_jsonl(&dir.join("dev.jsonl")).unwrap();
     let (classes, y_train) = label_indices(&train);

@@ -7,11 +7,10 @@
 //! ‖X(Δ−Δ̂)ᵀ‖/‖XΔᵀ‖; an independent model of the method reaches ≈0.86× of
 //! that baseline.
 
-use std::path::PathBuf;
-
-use meswitch_reference::measure::{activation_energy, output_relative_error, relative_error};
-use meswitch_reference::{compress_matrix, Bits, CompressSettings, SalientSpec};
-use safetensors::{Dtype, SafeTensors};
+use meswitch::reference::measure::{activation_energy, output_relative_error, relative_error};
+use meswitch::reference::{compress_matrix, Bits, CompressSettings, SalientSpec};
+use meswitch::server::checkpoint::Checkpoint;
+use meswitch::server::testdata;
 
 const PROJECTIONS: [(&str, &str); 7] = [
     ("self_attn", "q_proj"),
@@ -25,39 +24,8 @@ const PROJECTIONS: [(&str, &str); 7] = [
 const LAYERS: usize = 2;
 const EXPERTS: [&str; 2] = ["math", "code"];
 
-fn data_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/deltas");
-    if dir.join("base/model.safetensors").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "real delta data missing at {} (required in CI)",
-        dir.display()
-    );
-    eprintln!("skipped: {} not found", dir.display());
-    None
-}
-
-fn to_f32(st: &SafeTensors, name: &str) -> (Vec<f32>, Vec<usize>) {
-    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let b = t.data();
-    let v = match t.dtype() {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => panic!("{name}: unexpected dtype {other:?}"),
-    };
-    (v, t.shape().to_vec())
+fn data_dir() -> Option<std::path::PathBuf> {
+    testdata::require("real deltas", testdata::shared_data("deltas"))
 }
 
 /// One matrix of real data: Δ, its shape, and the calibration activations.
@@ -71,27 +39,26 @@ struct Case {
 }
 
 fn cases(dir: &std::path::Path) -> Vec<Case> {
-    let base_bytes = std::fs::read(dir.join("base/model.safetensors")).unwrap();
-    let base = SafeTensors::deserialize(&base_bytes).unwrap();
+    let base = Checkpoint::open(&dir.join("base")).unwrap();
     let mut out = Vec::new();
     for expert in EXPERTS {
-        let eb = std::fs::read(dir.join(format!("experts/{expert}/model.safetensors"))).unwrap();
-        let ex = SafeTensors::deserialize(&eb).unwrap();
-        let cb = std::fs::read(dir.join(format!("calib/{expert}.safetensors"))).unwrap();
-        let calib = SafeTensors::deserialize(&cb).unwrap();
+        let ex = Checkpoint::open(&dir.join(format!("experts/{expert}"))).unwrap();
+        let calib =
+            Checkpoint::open_file(&dir.join(format!("calib/{expert}.safetensors"))).unwrap();
         for layer in 0..LAYERS {
             for (block, proj) in PROJECTIONS {
                 let w = format!("model.layers.{layer}.{block}.{proj}.weight");
-                let (wb, shape) = to_f32(&base, &w);
-                let (we, _) = to_f32(&ex, &w);
-                let (x, xs) = to_f32(&calib, &format!("layers.{layer}.{block}.{proj}.input"));
+                let shape = base.shape(&w).unwrap();
+                let wb = base.tensor_f32(&w).unwrap();
+                let we = ex.tensor_f32(&w).unwrap();
+                let input = format!("layers.{layer}.{block}.{proj}.input");
                 out.push(Case {
                     name: format!("{expert}/{layer}/{proj}"),
                     delta: we.iter().zip(&wb).map(|(e, b)| e - b).collect(),
                     out_features: shape[0],
                     in_features: shape[1],
-                    x,
-                    tokens: xs[0],
+                    x: calib.tensor_f32(&input).unwrap(),
+                    tokens: calib.shape(&input).unwrap()[0],
                 });
             }
         }
@@ -181,7 +148,7 @@ fn int2_g128_salient_beats_rtn_g64_on_real_deltas() {
     );
 }
 
-/// Prints the error table for docs/perf.md: `cargo test -p meswitch-reference
+/// Prints the error table for docs/perf.md: `cargo test --release
 /// --test real_deltas -- --ignored --nocapture error_table`.
 #[test]
 #[ignore = "report generator, not a check"]
