@@ -97,12 +97,8 @@ fn smollm2_generation_prompts_and_skip_special() {
 
 #[test]
 fn mistral_tokenizer_json_matches_sentencepiece() {
-    let Some(dir) = testdata::require(
-        "shared/data/mistral",
-        testdata::shared_data_dir()
-            .map(|d| d.join("mistral"))
-            .filter(|d| d.is_dir()),
-    ) else {
+    let Some(dir) = testdata::require("shared/data/mistral", testdata::shared_data("mistral"))
+    else {
         return;
     };
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
@@ -160,12 +156,8 @@ fn smollm2_long_texts_match_llama_cpp() {
 /// (as in transformers); the same tokenizer.json with the shipped config adds it.
 #[test]
 fn tokenizer_config_add_bos_overrides_post_processor() {
-    let Some(src) = testdata::require(
-        "shared/data/mistral",
-        testdata::shared_data_dir()
-            .map(|d| d.join("mistral"))
-            .filter(|d| d.is_dir()),
-    ) else {
+    let Some(src) = testdata::require("shared/data/mistral", testdata::shared_data("mistral"))
+    else {
         return;
     };
     let dir = std::env::temp_dir().join(format!("meswitch-tok-nobos-{}", std::process::id()));

@@ -19,12 +19,8 @@ const BYTE: i32 = 6;
 
 #[test]
 fn spm_gguf_matches_sentencepiece_on_mistral_vocab() {
-    let Some(dir) = testdata::require(
-        "shared/data/mistral",
-        testdata::shared_data_dir()
-            .map(|d| d.join("mistral"))
-            .filter(|d| d.is_dir()),
-    ) else {
+    let Some(dir) = testdata::require("shared/data/mistral", testdata::shared_data("mistral"))
+    else {
         return;
     };
     let tj: Value =
