@@ -61,16 +61,11 @@ impl<'a> DeviceExperts<'a> {
         if let Some(first) = experts.first() {
             for (i, e) in experts.iter().enumerate() {
                 let (a, b) = (&first.layout, &e.layout);
-                if a.out_features != b.out_features || a.in_features != b.in_features {
-                    return Err(ShapeError::ExpertShape {
-                        expert: i,
-                        out_features: b.out_features,
-                        in_features: b.in_features,
-                        base_out: a.out_features,
-                        base_in: a.in_features,
-                    }
-                    .into());
-                }
+                ShapeError::check_expert_shape(
+                    i,
+                    (b.out_features, b.in_features),
+                    (a.out_features, a.in_features),
+                )?;
             }
         }
         Ok(DeviceExperts {
@@ -110,15 +105,8 @@ impl<'a> DeviceExperts<'a> {
 
     fn check_shape(&self, out_features: usize, in_features: usize) -> Result<(), ShapeError> {
         for (expert, l) in self.layouts().enumerate() {
-            if l.out_features != out_features || l.in_features != in_features {
-                return Err(ShapeError::ExpertShape {
-                    expert,
-                    out_features: l.out_features,
-                    in_features: l.in_features,
-                    base_out: out_features,
-                    base_in: in_features,
-                });
-            }
+            let shape = (l.out_features, l.in_features);
+            ShapeError::check_expert_shape(expert, shape, (out_features, in_features))?;
         }
         Ok(())
     }
@@ -137,18 +125,7 @@ impl DeviceRows {
         rows: &[Option<u32>],
         n_experts: usize,
     ) -> Result<DeviceRows, OpsError> {
-        for (row, e) in rows.iter().enumerate() {
-            if let Some(e) = *e {
-                if e as usize >= n_experts {
-                    return Err(ShapeError::UnknownExpert {
-                        row,
-                        expert: e,
-                        n_experts,
-                    }
-                    .into());
-                }
-            }
-        }
+        ShapeError::check_row_experts(rows, n_experts)?;
         let ids: Vec<u32> = rows.iter().map(|e| launch::row_id(*e)).collect();
         Ok(DeviceRows {
             rows: rows.to_vec(),
@@ -177,18 +154,7 @@ impl DeviceRows {
     }
 
     fn check_experts(&self, n_experts: usize) -> Result<(), ShapeError> {
-        for (row, e) in self.rows.iter().enumerate() {
-            if let Some(e) = *e {
-                if e as usize >= n_experts {
-                    return Err(ShapeError::UnknownExpert {
-                        row,
-                        expert: e,
-                        n_experts,
-                    });
-                }
-            }
-        }
-        Ok(())
+        ShapeError::check_row_experts(&self.rows, n_experts)
     }
 }
 
@@ -244,16 +210,8 @@ pub fn dequantize_device(
     let l = &delta.layout;
     check_len("out", l.out_features * l.in_features, out.len())?;
     if let Some(b) = base {
-        if b.out_features != l.out_features || b.in_features != l.in_features {
-            return Err(ShapeError::ExpertShape {
-                expert: 0,
-                out_features: l.out_features,
-                in_features: l.in_features,
-                base_out: b.out_features,
-                base_in: b.in_features,
-            }
-            .into());
-        }
+        let shape = (l.out_features, l.in_features);
+        ShapeError::check_expert_shape(0, shape, (b.out_features, b.in_features))?;
     }
     launch::dequantize(gpu, delta, base, out)
 }

@@ -87,4 +87,42 @@ impl ShapeError {
             })
         }
     }
+
+    /// `Ok` when expert number `expert`, of shape `shape` = (out, in), has the base's shape.
+    pub fn check_expert_shape(
+        expert: usize,
+        shape: (usize, usize),
+        base: (usize, usize),
+    ) -> Result<(), ShapeError> {
+        if shape == base {
+            Ok(())
+        } else {
+            Err(ShapeError::ExpertShape {
+                expert,
+                out_features: shape.0,
+                in_features: shape.1,
+                base_out: base.0,
+                base_in: base.1,
+            })
+        }
+    }
+
+    /// `Ok` when every row names no expert or one of the `n_experts` given.
+    pub fn check_row_experts(
+        row_expert: &[Option<u32>],
+        n_experts: usize,
+    ) -> Result<(), ShapeError> {
+        match row_expert
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.is_some_and(|e| e as usize >= n_experts))
+        {
+            Some((row, e)) => Err(ShapeError::UnknownExpert {
+                row,
+                expert: e.expect("found above"),
+                n_experts,
+            }),
+            None => Ok(()),
+        }
+    }
 }

@@ -37,28 +37,10 @@ fn check_inputs(
     ShapeError::check_len("x", batch * in_features, x_len)?;
     ShapeError::check_len("y", batch * out_features, y_len)?;
     for (i, e) in experts.iter().enumerate() {
-        if e.layout.out_features != out_features || e.layout.in_features != in_features {
-            return Err(ShapeError::ExpertShape {
-                expert: i,
-                out_features: e.layout.out_features,
-                in_features: e.layout.in_features,
-                base_out: out_features,
-                base_in: in_features,
-            });
-        }
+        let shape = (e.layout.out_features, e.layout.in_features);
+        ShapeError::check_expert_shape(i, shape, (out_features, in_features))?;
     }
-    for (row, e) in row_expert.iter().enumerate() {
-        if let Some(e) = *e {
-            if e as usize >= experts.len() {
-                return Err(ShapeError::UnknownExpert {
-                    row,
-                    expert: e,
-                    n_experts: experts.len(),
-                });
-            }
-        }
-    }
-    Ok(())
+    ShapeError::check_row_experts(row_expert, experts.len())
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -196,15 +178,7 @@ pub fn dequantize_f16(
     ShapeError::check_len("out", o * i, out.len())?;
     if let Some(b) = base {
         ShapeError::check_len("base", o * i, b.weights.len())?;
-        if b.out_features != o || b.in_features != i {
-            return Err(ShapeError::ExpertShape {
-                expert: 0,
-                out_features: o,
-                in_features: i,
-                base_out: b.out_features,
-                base_in: b.in_features,
-            });
-        }
+        ShapeError::check_expert_shape(0, (o, i), (b.out_features, b.in_features))?;
     }
     out.par_chunks_mut(i).enumerate().for_each(|(r, dst)| {
         let mut row = vec![0f32; i];

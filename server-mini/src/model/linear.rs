@@ -61,31 +61,12 @@ pub fn multi_expert_linear(
     ShapeError::check_len("x", batch * inp, x.len())?;
     ShapeError::check_len("y", batch * out, y.len())?;
     for (i, e) in experts.iter().enumerate() {
-        let (o, n) = e.shape();
-        if (o, n) != (out, inp) {
-            return Err(ShapeError::ExpertShape {
-                expert: i,
-                out_features: o,
-                in_features: n,
-                base_out: out,
-                base_in: inp,
-            });
-        }
+        ShapeError::check_expert_shape(i, e.shape(), (out, inp))?;
         if let ExpertLinear::Dense(w) = e {
             ShapeError::check_len("expert dense weight", out * inp, w.weights.len())?;
         }
     }
-    for (row, e) in row_expert.iter().enumerate() {
-        if let Some(e) = *e {
-            if e as usize >= experts.len() {
-                return Err(ShapeError::UnknownExpert {
-                    row,
-                    expert: e,
-                    n_experts: experts.len(),
-                });
-            }
-        }
-    }
+    ShapeError::check_row_experts(row_expert, experts.len())?;
 
     let rows_of = |pred: &dyn Fn(Option<u32>) -> bool| -> Vec<usize> {
         (0..batch).filter(|&b| pred(row_expert[b])).collect()
