@@ -4,6 +4,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod compress;
+pub mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod model;
