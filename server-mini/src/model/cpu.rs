@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use meswitch_reference::container::BaseIdentity;
 
-use super::experts::{Expert, ExpertMatrix};
+use super::experts::{Expert, ExpertMatrix, ExpertParser};
 use super::linear::{multi_expert_linear, ExpertLinear};
 use super::ops::{attention, rms_norm, rope, rope_inv_freq, swiglu, AttnShape, Query};
 use super::weights::{Matrix, Proj, WeightSource, Weights};
@@ -61,7 +61,8 @@ impl KvCache {
 pub struct CpuBackend {
     config: ModelConfig,
     weights: Weights,
-    experts: Vec<Expert>,
+    /// Indexed by [`ExpertId`]; `None` = removed (ids are never reused).
+    experts: Vec<Option<Expert>>,
     identity: BaseIdentity,
     shapes: BTreeMap<String, Vec<usize>>,
     inv_freq: Vec<f64>,
@@ -108,7 +109,16 @@ impl CpuBackend {
     }
 
     pub fn expert_id(&self, name: &str) -> Option<ExpertId> {
-        self.experts.iter().position(|e| e.name == name)
+        self.experts
+            .iter()
+            .position(|e| e.as_ref().is_some_and(|e| e.name == name))
+    }
+
+    /// A loaded expert; ids in a step are checked by [`Self::validate`].
+    fn expert(&self, id: ExpertId) -> &Expert {
+        self.experts[id]
+            .as_ref()
+            .expect("expert ids are validated before the step")
     }
 
     /// One multi-expert product over all rows. The experts that have their
@@ -128,7 +138,7 @@ impl CpuBackend {
             .map(|e| {
                 e.and_then(|id| {
                     *slot.entry(id).or_insert_with(|| {
-                        pick(&self.experts[id]).map(|m| {
+                        pick(self.expert(id)).map(|m| {
                             list.push(m.linear());
                             (list.len() - 1) as u32
                         })
@@ -152,7 +162,7 @@ impl CpuBackend {
         let mut out = vec![0f32; h.len()];
         for ((x, y), e) in h.chunks(d).zip(out.chunks_mut(d)).zip(rows) {
             let w = e
-                .and_then(|id| pick(&self.experts[id]))
+                .and_then(|id| pick(self.expert(id)))
                 .map_or(base, |v| v.as_slice());
             rms_norm(x, w, self.config.rms_norm_eps, y);
         }
@@ -174,7 +184,10 @@ impl CpuBackend {
                     vocab: self.config.vocab_size,
                 });
             }
-            if let Some(e) = s.expert.filter(|&e| e >= self.experts.len()) {
+            if let Some(e) = s
+                .expert
+                .filter(|&e| self.experts.get(e).is_none_or(Option::is_none))
+            {
                 return Err(ModelError::UnknownExpert(e));
             }
             let len = s.cache.len + s.tokens.len();
@@ -219,7 +232,7 @@ impl CpuBackend {
         let tokens = batch.iter().flat_map(|s| s.tokens.iter());
         for ((dst, &tok), e) in h.chunks_mut(hd).zip(tokens).zip(&rows) {
             let tok = tok as usize;
-            match e.and_then(|id| self.experts[id].embed.as_ref()) {
+            match e.and_then(|id| self.expert(id).embed.as_ref()) {
                 Some(m) => m.row(&self.weights.embed, tok, dst),
                 None => {
                     let src = &self.weights.embed.weights[tok * hd..(tok + 1) * hd];
@@ -358,12 +371,27 @@ impl Backend for CpuBackend {
     }
 
     fn add_expert(&mut self, expert: Expert) -> ExpertId {
-        self.experts.push(expert);
+        self.experts.push(Some(expert));
         self.experts.len() - 1
     }
 
     fn expert_names(&self) -> Vec<String> {
-        self.experts.iter().map(|e| e.name.clone()).collect()
+        self.experts.iter().flatten().map(|e| e.name.clone()).collect()
+    }
+
+    fn remove_expert(&mut self, id: ExpertId) -> Result<Expert, ModelError> {
+        self.experts
+            .get_mut(id)
+            .and_then(Option::take)
+            .ok_or(ModelError::UnknownExpert(id))
+    }
+
+    fn expert_parser(&self) -> ExpertParser {
+        ExpertParser {
+            config: self.config.clone(),
+            identity: self.identity.clone(),
+            shapes: self.shapes.clone(),
+        }
     }
 
     fn forward(&self, batch: &mut [SeqStep<'_, KvCache>]) -> Result<Vec<Vec<f32>>, ModelError> {

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use half::f16;
-use meswitch_reference::container::{read_expert, BaseIdentity, ExpertFile, ExpertTensor};
+use meswitch_reference::container::{
+    read_expert, read_expert_bytes, BaseIdentity, ExpertFile, ExpertTensor,
+};
 use meswitch_reference::PackedDelta;
 
 use super::linear::ExpertLinear;
@@ -160,6 +162,28 @@ impl Expert {
             }
         }
         Ok(())
+    }
+}
+
+/// What checking an expert file against a base needs, detached from the
+/// backend, so a loader thread can read and check expert files while the
+/// backend computes.
+#[derive(Clone, Debug)]
+pub struct ExpertParser {
+    pub config: ModelConfig,
+    pub identity: BaseIdentity,
+    pub shapes: BTreeMap<String, Vec<usize>>,
+}
+
+impl ExpertParser {
+    pub fn open(&self, path: &Path) -> Result<Expert, ModelError> {
+        Expert::open(path, &self.config, &self.identity, &self.shapes)
+    }
+
+    /// An expert file already read into memory.
+    pub fn from_bytes(&self, bytes: &[u8]) -> Result<Expert, ModelError> {
+        let file = read_expert_bytes(bytes).map_err(|e| ModelError::Expert(e.to_string()))?;
+        Expert::from_file(file, &self.config, &self.identity, &self.shapes)
     }
 }
 

@@ -27,7 +27,7 @@ use thiserror::Error;
 
 pub use config::ModelConfig;
 pub use cpu::{CpuBackend, KvCache};
-pub use experts::Expert;
+pub use experts::{Expert, ExpertParser};
 pub use load::{load_cpu, LoadedModel};
 pub use weights::{GgufSource, MemorySource, WeightSource, Weights};
 
@@ -92,7 +92,15 @@ pub trait Backend {
     fn new_cache(&self) -> Self::Cache;
     /// Adds an expert; the returned id names it in [`SeqStep::expert`].
     fn add_expert(&mut self, expert: Expert) -> ExpertId;
+    /// Names of the experts loaded now (removed ones left out).
     fn expert_names(&self) -> Vec<String>;
+    /// engine helper. Drops an expert's weights; its id is never reused and
+    /// using it afterwards is [`ModelError::UnknownExpert`]. Ids of other
+    /// experts stay valid.
+    fn remove_expert(&mut self, id: ExpertId) -> Result<Expert, ModelError>;
+    /// engine helper. Checks expert files against this base off the
+    /// backend's thread (see [`ExpertParser`]).
+    fn expert_parser(&self) -> ExpertParser;
     /// Runs the new tokens of every sequence, appends them to the caches
     /// and returns, per sequence, the logits asked for
     /// (`[n_positions, vocab]` row-major).
