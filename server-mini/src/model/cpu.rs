@@ -376,7 +376,11 @@ impl Backend for CpuBackend {
     }
 
     fn expert_names(&self) -> Vec<String> {
-        self.experts.iter().flatten().map(|e| e.name.clone()).collect()
+        self.experts
+            .iter()
+            .flatten()
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     fn remove_expert(&mut self, id: ExpertId) -> Result<Expert, ModelError> {
