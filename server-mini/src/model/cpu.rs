@@ -26,6 +26,10 @@ use super::ops::{attention, rms_norm, rope, rope_inv_freq, swiglu, AttnShape, Qu
 use super::weights::{Matrix, Proj, WeightSource, Weights};
 use super::{Backend, ExpertId, LogitsWanted, ModelConfig, ModelError, SeqStep};
 
+/// `Backend::hidden_states` (the router's features), on the decoder above.
+#[path = "cpu_hidden.rs"]
+mod hidden;
+
 /// Context limit when the config names none.
 const DEFAULT_MAX_CONTEXT: usize = 4096;
 
@@ -209,10 +213,14 @@ impl CpuBackend {
         Ok(())
     }
 
-    fn forward_unchecked(
+    /// Embeds the step's tokens and runs the first `n_layers` decoder
+    /// layers (appending to the caches); returns `h [rows, hidden]` and each
+    /// row's expert.
+    fn run_decoder(
         &self,
         batch: &mut [SeqStep<'_, KvCache>],
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        n_layers: usize,
+    ) -> Result<(Vec<f32>, Vec<Option<ExpertId>>), ModelError> {
         let c = &self.config;
         let (hd, kv_dim, q_dim) = (c.hidden_size, c.kv_dim(), c.q_dim());
         // Row bookkeeping: which sequence and position each row is.
@@ -249,7 +257,7 @@ impl CpuBackend {
             head_dim: c.head_dim,
             sliding_window: c.sliding_window,
         };
-        for (l, lw) in self.weights.layers.iter().enumerate() {
+        for (l, lw) in self.weights.layers.iter().enumerate().take(n_layers) {
             let proj = |p: Proj| expert_proj(l, p);
             let x = self.norm_rows(
                 &h,
@@ -307,6 +315,16 @@ impl CpuBackend {
             let down = self.linear(&lw.proj[Proj::Down.index()], proj(Proj::Down), &gate, &rows)?;
             add_in_place(&mut h, &down);
         }
+        Ok((h, rows))
+    }
+
+    fn forward_unchecked(
+        &self,
+        batch: &mut [SeqStep<'_, KvCache>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let c = &self.config;
+        let hd = c.hidden_size;
+        let (h, rows) = self.run_decoder(batch, c.num_layers)?;
 
         // Only the rows whose logits were asked for go through the head.
         let mut picked = Vec::new();
@@ -396,6 +414,10 @@ impl Backend for CpuBackend {
             identity: self.identity.clone(),
             shapes: self.shapes.clone(),
         }
+    }
+
+    fn hidden_states(&self, tokens: &[u32], layer: usize) -> Result<Vec<f32>, ModelError> {
+        self.hidden_states_base(tokens, layer)
     }
 
     fn forward(&self, batch: &mut [SeqStep<'_, KvCache>]) -> Result<Vec<Vec<f32>>, ModelError> {

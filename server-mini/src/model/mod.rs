@@ -57,6 +57,10 @@ pub enum ModelError {
     EmptyStep,
     #[error("logits requested from token {from} of a {len}-token step")]
     LogitsRange { from: usize, len: usize },
+    #[error(
+        "hidden state after layer {layer} requested from a {n_layers}-layer model (0..={n_layers})"
+    )]
+    LayerRange { layer: usize, n_layers: usize },
     #[error("linear op: {0}")]
     Shape(#[from] meswitch_reference::ShapeError),
 }
@@ -101,6 +105,11 @@ pub trait Backend {
     /// engine helper. Checks expert files against this base off the
     /// backend's thread (see [`ExpertParser`]).
     fn expert_parser(&self) -> ExpertParser;
+    /// router helper. Runs `tokens` through the base model only (no expert,
+    /// no cache kept) and returns the hidden state after decoder layer
+    /// `layer` (0-based; `layer == n_layers` = after the final RMSNorm),
+    /// row-major `[tokens.len(), hidden_size]`.
+    fn hidden_states(&self, tokens: &[u32], layer: usize) -> Result<Vec<f32>, ModelError>;
     /// Runs the new tokens of every sequence, appends them to the caches
     /// and returns, per sequence, the logits asked for
     /// (`[n_positions, vocab]` row-major).
