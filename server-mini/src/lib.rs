@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod model;
 pub mod router;
 pub mod sampling;
+pub mod server;
 pub mod synth;
 pub mod testdata;
 pub mod tokenizer;
