@@ -1,0 +1,579 @@
+//! OpenAI-compatible request parsing and response bodies for
+//! `/v1/chat/completions` and `/v1/completions`.
+//!
+//! Requests are read field by field from a JSON value rather than through a
+//! derived `Deserialize`, so a wrong type names its field in the error's
+//! `param` (clients send many fields we ignore, e.g. `user`, `logprobs: false`;
+//! those are accepted as long as they do not ask for something we cannot do).
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::chat::ChatMessage;
+
+/// OpenAI's limit on `stop` sequences.
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// OpenAI's range for `temperature`.
+pub const MAX_TEMPERATURE: f64 = 2.0;
+
+/// What to generate from: chat messages (rendered with the chat template) or
+/// a raw prompt (text or token ids).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PromptInput {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// A validated generation request, before tokenization.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub input: PromptInput,
+    pub stream: bool,
+    /// None: as many as the context allows, up to the server's default.
+    pub max_tokens: Option<usize>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub repetition_penalty: f32,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+/// Which endpoint a request came in on (decides its response shape).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+impl Endpoint {
+    pub fn object(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completion",
+            Endpoint::Completions => "text_completion",
+        }
+    }
+    pub fn chunk_object(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completions => "text_completion",
+        }
+    }
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        }
+    }
+}
+
+/// Typed access to the fields of a JSON object, each error naming its field.
+struct Fields<'a>(&'a Map<String, Value>);
+
+fn wrong_type(param: &str, expected: &str) -> ApiError {
+    ApiError::invalid(Some(param), format!("`{param}` must be {expected}"))
+}
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(wrong_type(key, "a string")),
+        }
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(wrong_type(key, "a boolean")),
+        }
+    }
+
+    fn number(&self, key: &str) -> Result<Option<f64>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| wrong_type(key, "a number")),
+        }
+    }
+
+    fn unsigned(&self, key: &str) -> Result<Option<u64>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| wrong_type(key, "a non-negative integer")),
+        }
+    }
+}
+
+/// Parses a chat or completions request body.
+pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(None, format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(map) = &value else {
+        return Err(ApiError::invalid(None, "the body must be a JSON object"));
+    };
+    let f = Fields(map);
+    let model = f
+        .string("model")?
+        .ok_or_else(|| ApiError::invalid(Some("model"), "`model` is required"))?;
+    let input = match endpoint {
+        Endpoint::Chat => PromptInput::Chat(parse_messages(f.get("messages"))?),
+        Endpoint::Completions => parse_prompt(f.get("prompt"))?,
+    };
+    if let Some(n) = f.unsigned("n")? {
+        if n != 1 {
+            return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
+        }
+    }
+    if f.get("best_of")
+        .and_then(Value::as_u64)
+        .is_some_and(|b| b > 1)
+    {
+        return Err(ApiError::invalid(
+            Some("best_of"),
+            "only best_of = 1 is supported",
+        ));
+    }
+    // `max_completion_tokens` is the newer name of `max_tokens` in the chat API.
+    let max_tokens = match f.unsigned("max_completion_tokens")? {
+        Some(m) => Some(m),
+        None => f.unsigned("max_tokens")?,
+    };
+    let max_tokens = match max_tokens {
+        Some(0) => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                "`max_tokens` must be at least 1",
+            ))
+        }
+        Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+        None => None,
+    };
+    let temperature = f.number("temperature")?.unwrap_or(1.0);
+    if !(0.0..=MAX_TEMPERATURE).contains(&temperature) {
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            format!("`temperature` must be in [0, {MAX_TEMPERATURE}]"),
+        ));
+    }
+    let top_p = f.number("top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            Some("top_p"),
+            "`top_p` must be in (0, 1]",
+        ));
+    }
+    let top_k = f.unsigned("top_k")?.unwrap_or(0);
+    let repetition_penalty = f.number("repetition_penalty")?.unwrap_or(1.0);
+    if repetition_penalty <= 0.0 {
+        return Err(ApiError::invalid(
+            Some("repetition_penalty"),
+            "`repetition_penalty` must be > 0",
+        ));
+    }
+    for unsupported in ["frequency_penalty", "presence_penalty"] {
+        if f.number(unsupported)?.is_some_and(|x| x != 0.0) {
+            return Err(ApiError::invalid(
+                Some(unsupported),
+                format!("`{unsupported}` is not supported (use repetition_penalty)"),
+            ));
+        }
+    }
+    if f.get("logprobs")
+        .is_some_and(|v| v != &Value::Bool(false) && v != &Value::from(0))
+    {
+        return Err(ApiError::invalid(
+            Some("logprobs"),
+            "`logprobs` is not supported",
+        ));
+    }
+    Ok(CompletionRequest {
+        model,
+        input,
+        stream: f.boolean("stream")?.unwrap_or(false),
+        max_tokens,
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        top_k: usize::try_from(top_k).unwrap_or(usize::MAX),
+        repetition_penalty: repetition_penalty as f32,
+        seed: f.unsigned("seed")?,
+        stop: parse_stop(f.get("stop"))?,
+    })
+}
+
+fn parse_stop(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let stops = match v {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| wrong_type("stop", "a string or an array of strings"))?,
+        Some(_) => return Err(wrong_type("stop", "a string or an array of strings")),
+    };
+    if stops.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("at most {MAX_STOP_SEQUENCES} stop sequences"),
+        ));
+    }
+    if stops.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            "stop sequences must not be empty",
+        ));
+    }
+    Ok(stops)
+}
+
+const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let items = match v {
+        None => {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "`messages` is required",
+            ))
+        }
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "`messages` must not be empty",
+            ))
+        }
+        Some(_) => return Err(wrong_type("messages", "an array of messages")),
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let param = format!("messages[{i}]");
+            let Value::Object(obj) = m else {
+                return Err(wrong_type(&param, "an object with role and content"));
+            };
+            let role = match obj.get("role") {
+                Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.clone(),
+                _ => {
+                    return Err(ApiError::invalid(
+                        Some(&format!("{param}.role")),
+                        format!("`{param}.role` must be one of {}", ROLES.join(", ")),
+                    ))
+                }
+            };
+            let content = message_content(obj.get("content"))
+                .ok_or_else(|| wrong_type(&format!("{param}.content"), "a string or text parts"))?;
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+/// `"text"` or `[{"type": "text", "text": "..."}, ...]` (joined).
+fn message_content(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(
+                |p| match (p.get("type")?.as_str()?, p.get("text")?.as_str()) {
+                    ("text", Some(t)) => Some(t),
+                    _ => None,
+                },
+            )
+            .collect::<Option<Vec<&str>>>()
+            .map(|t| t.concat()),
+        _ => None,
+    }
+}
+
+/// `prompt`: a string, a one-string array, or an array of token ids.
+fn parse_prompt(v: Option<&Value>) -> Result<PromptInput, ApiError> {
+    let bad = || wrong_type("prompt", "a string or an array of token ids");
+    match v {
+        None => Err(ApiError::invalid(Some("prompt"), "`prompt` is required")),
+        Some(Value::String(s)) => Ok(PromptInput::Text(s.clone())),
+        Some(Value::Array(items)) => match items.as_slice() {
+            [Value::String(s)] => Ok(PromptInput::Text(s.clone())),
+            [Value::String(_), ..] => Err(ApiError::invalid(
+                Some("prompt"),
+                "only one prompt per request is supported",
+            )),
+            ids => ids
+                .iter()
+                .map(|i| i.as_u64().and_then(|x| u32::try_from(x).ok()))
+                .collect::<Option<Vec<u32>>>()
+                .map(PromptInput::Tokens)
+                .ok_or_else(bad),
+        },
+        Some(_) => Err(bad()),
+    }
+}
+
+/// OpenAI's `finish_reason`.
+pub fn finish_reason(stop: crate::generate::StopReason) -> &'static str {
+    match stop {
+        crate::generate::StopReason::MaxTokens => "length",
+        crate::generate::StopReason::Eos | crate::generate::StopReason::StopString => "stop",
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// How `auto` routed the request (extension field `meswitch_route`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RouteInfo {
+    pub domain: String,
+    pub confidence: f32,
+    /// The expert chosen (the base model's name when routed to the base).
+    pub expert: String,
+}
+
+/// Who served a request: the `model` field and headers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Served {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub route: Option<RouteInfo>,
+}
+
+/// A whole (non-streaming) response body.
+pub fn completion_body(
+    endpoint: Endpoint,
+    served: &Served,
+    text: &str,
+    finish: &str,
+    usage: Usage,
+) -> Value {
+    let choice = match endpoint {
+        Endpoint::Chat => serde_json::json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": null,
+            "finish_reason": finish,
+        }),
+        Endpoint::Completions => serde_json::json!({
+            "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+        }),
+    };
+    envelope(endpoint.object(), served, choice, Some(usage))
+}
+
+/// One streamed chunk: `text` (possibly empty), and on the last one the
+/// finish reason and usage.
+pub fn chunk_body(
+    endpoint: Endpoint,
+    served: &Served,
+    text: Option<&str>,
+    first: bool,
+    finish: Option<(&str, Usage)>,
+) -> Value {
+    let reason = finish.map(|f| f.0);
+    let choice = match endpoint {
+        Endpoint::Chat => {
+            let mut delta = Map::new();
+            if first {
+                delta.insert("role".into(), "assistant".into());
+            }
+            if let Some(t) = text {
+                delta.insert("content".into(), t.into());
+            }
+            serde_json::json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
+        }
+        Endpoint::Completions => serde_json::json!({
+            "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason,
+        }),
+    };
+    envelope(endpoint.chunk_object(), served, choice, finish.map(|f| f.1))
+}
+
+fn envelope(object: &str, served: &Served, choice: Value, usage: Option<Usage>) -> Value {
+    let mut v = serde_json::json!({
+        "id": served.id,
+        "object": object,
+        "created": served.created,
+        "model": served.model,
+        "choices": [choice],
+    });
+    if let Some(u) = usage {
+        v["usage"] = serde_json::to_value(u).unwrap_or(Value::Null);
+    }
+    if let Some(r) = &served.route {
+        v["meswitch_route"] = serde_json::to_value(r).unwrap_or(Value::Null);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<CompletionRequest, ApiError> {
+        parse_request(Endpoint::Chat, body.as_bytes())
+    }
+
+    #[test]
+    fn parses_a_full_chat_request() {
+        let r = chat(r#"{"model":"auto","messages":[{"role":"system","content":"Be brief."},
+            {"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]}],
+            "stream":true,"max_tokens":7,"temperature":0.5,"top_p":0.9,"seed":3,"stop":["\n"],"user":"x"}"#)
+        .unwrap();
+        assert_eq!(r.model, "auto");
+        assert_eq!(
+            r.input,
+            PromptInput::Chat(vec![
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "Hi there")
+            ])
+        );
+        assert!(r.stream);
+        assert_eq!(r.max_tokens, Some(7));
+        assert_eq!((r.temperature, r.top_p, r.seed), (0.5, 0.9, Some(3)));
+        assert_eq!(r.stop, vec!["\n".to_string()]);
+    }
+
+    #[test]
+    fn wrong_types_name_their_field() {
+        let cases = [
+            (r#"{"model":1,"messages":[]}"#, "model"),
+            (r#"{"model":"a","messages":"hi"}"#, "messages"),
+            (r#"{"model":"a","messages":[]}"#, "messages"),
+            (
+                r#"{"model":"a","messages":[{"role":"bot","content":"x"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":5}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"max_tokens":"9"}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                "temperature",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"top_p":0}"#,
+                "top_p",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
+                "stream",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"n":2}"#,
+                "n",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"stop":[1]}"#,
+                "stop",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#,
+                "stop",
+            ),
+        ];
+        for (body, param) in cases {
+            let e = chat(body).unwrap_err();
+            assert_eq!(e.status.as_u16(), 400, "{body}");
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+        for bad in ["", "{", "[1]", "null"] {
+            let e = chat(bad).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.param), (400, None), "{bad}");
+        }
+    }
+
+    #[test]
+    fn completion_prompt_forms() {
+        let p = |s: &str| parse_request(Endpoint::Completions, s.as_bytes()).map(|r| r.input);
+        assert_eq!(
+            p(r#"{"model":"m","prompt":"hi"}"#).unwrap(),
+            PromptInput::Text("hi".into())
+        );
+        assert_eq!(
+            p(r#"{"model":"m","prompt":["hi"]}"#).unwrap(),
+            PromptInput::Text("hi".into())
+        );
+        assert_eq!(
+            p(r#"{"model":"m","prompt":[5,6]}"#).unwrap(),
+            PromptInput::Tokens(vec![5, 6])
+        );
+        assert!(p(r#"{"model":"m","prompt":["a","b"]}"#).is_err());
+        assert!(p(r#"{"model":"m","prompt":[5,-1]}"#).is_err());
+        assert!(p(r#"{"model":"m"}"#).is_err());
+    }
+
+    #[test]
+    fn chunks_and_bodies_have_openai_fields() {
+        let served = Served {
+            id: "chatcmpl-1".into(),
+            created: 5,
+            model: "expert-01".into(),
+            route: Some(RouteInfo {
+                domain: "math".into(),
+                confidence: 0.75,
+                expert: "expert-01".into(),
+            }),
+        };
+        let b = completion_body(Endpoint::Chat, &served, "hey", "stop", Usage::new(3, 2));
+        assert_eq!(b["choices"][0]["message"]["content"], "hey");
+        assert_eq!(b["usage"]["total_tokens"], 5);
+        assert_eq!(b["meswitch_route"]["confidence"], 0.75);
+        let c = chunk_body(Endpoint::Chat, &served, Some("a"), true, None);
+        assert_eq!(c["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert!(c.get("usage").is_none());
+        let last = chunk_body(
+            Endpoint::Completions,
+            &served,
+            None,
+            false,
+            Some(("length", Usage::new(1, 1))),
+        );
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+        assert_eq!(last["usage"]["completion_tokens"], 1);
+    }
+}

@@ -1,0 +1,139 @@
+//! The serving config's routing policy: a domain classifier over the base
+//! model's hidden states, a map from domains to experts, and a confidence
+//! threshold under which the query goes to a configured default.
+//!
+//! ```text
+//!   prompt ──classifier──▶ p(domain) ──argmax──▶ domain, confidence
+//!     confidence < threshold            → default (an expert, or the base)
+//!     domain mapped to an expert        → that expert
+//!     domain mapped to nothing          → default
+//! ```
+
+use std::collections::BTreeMap;
+
+use crate::engine::{RouteDecision, Router};
+use crate::model::Backend;
+
+/// A classifier of a prompt's domain, run on the engine thread with the backend.
+pub trait DomainClassifier<B: Backend>: Send {
+    /// Class names, in the order of [`DomainClassifier::probabilities`].
+    fn domains(&self) -> &[String];
+    fn probabilities(&self, backend: &B, prompt: &[u32]) -> Result<Vec<f32>, String>;
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingPolicy<C> {
+    pub classifier: C,
+    /// Domain → expert name (`None`: the base model). Unlisted domains go to `default`.
+    pub domain_to_expert: BTreeMap<String, Option<String>>,
+    /// Queries whose top probability is under this go to `default`.
+    pub threshold: f32,
+    /// `None`: the base model.
+    pub default: Option<String>,
+}
+
+impl<B: Backend, C: DomainClassifier<B>> Router<B> for RoutingPolicy<C> {
+    fn route(&self, backend: &B, prompt: &[u32]) -> Result<RouteDecision, String> {
+        let probs = self.classifier.probabilities(backend, prompt)?;
+        let domains = self.classifier.domains();
+        let (best, confidence) = probs
+            .iter()
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .ok_or("the router returned no probabilities")?;
+        let domain = domains
+            .get(best)
+            .cloned()
+            .ok_or_else(|| format!("the router returned class {best} of {}", domains.len()))?;
+        let expert = if confidence < self.threshold {
+            self.default.clone()
+        } else {
+            match self.domain_to_expert.get(&domain) {
+                Some(e) => e.clone(),
+                None => self.default.clone(),
+            }
+        };
+        Ok(RouteDecision {
+            expert,
+            domain,
+            confidence,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CpuBackend;
+
+    /// Picks the class by the first token id (mod classes), with a fixed confidence.
+    struct FirstToken {
+        domains: Vec<String>,
+        confidence: f32,
+    }
+
+    impl DomainClassifier<CpuBackend> for FirstToken {
+        fn domains(&self) -> &[String] {
+            &self.domains
+        }
+        fn probabilities(&self, _: &CpuBackend, prompt: &[u32]) -> Result<Vec<f32>, String> {
+            let n = self.domains.len();
+            let rest = (1.0 - self.confidence) / (n - 1) as f32;
+            let mut p = vec![rest; n];
+            p[prompt[0] as usize % n] = self.confidence;
+            Ok(p)
+        }
+    }
+
+    fn policy(confidence: f32) -> RoutingPolicy<FirstToken> {
+        RoutingPolicy {
+            classifier: FirstToken {
+                domains: vec!["math".into(), "code".into(), "law".into()],
+                confidence,
+            },
+            domain_to_expert: BTreeMap::from([
+                ("math".into(), Some("e-math".into())),
+                ("code".into(), None),
+            ]),
+            threshold: 0.5,
+            default: Some("e-default".into()),
+        }
+    }
+
+    fn tiny_backend() -> CpuBackend {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::synth::SynthSettings {
+            shape: crate::synth::SynthShape::named("tiny").unwrap(),
+            experts: 0,
+            seed: 0,
+            dtype: crate::checkpoint::FloatDtype::F16,
+        };
+        let (base, _) = crate::synth::write_family(dir.path(), &settings, |_| {}).unwrap();
+        crate::model::load_cpu(&base).unwrap().backend
+    }
+
+    #[test]
+    fn maps_domains_threshold_and_default() {
+        let b = tiny_backend();
+        let sure = policy(0.9);
+        let r = sure.route(&b, &[0]).unwrap();
+        assert_eq!(
+            (r.expert.as_deref(), r.domain.as_str()),
+            (Some("e-math"), "math")
+        );
+        assert!((r.confidence - 0.9).abs() < 1e-6);
+        assert_eq!(sure.route(&b, &[1]).unwrap().expert, None, "code → base");
+        assert_eq!(
+            sure.route(&b, &[2]).unwrap().expert.as_deref(),
+            Some("e-default"),
+            "unmapped"
+        );
+        let unsure = policy(0.4);
+        let r = unsure.route(&b, &[0]).unwrap();
+        assert_eq!(
+            (r.expert.as_deref(), r.domain.as_str()),
+            (Some("e-default"), "math")
+        );
+    }
+}
