@@ -13,6 +13,7 @@ mod decompress;
 mod generate;
 mod inspect;
 mod perplexity;
+mod serve;
 mod synth;
 mod tokenize;
 
@@ -49,6 +50,7 @@ pub const SUBCOMMANDS: &[Subcommand] = &[
     Subcommand::of::<tokenize::TokenizeArgs>(),
     Subcommand::of::<generate::GenerateArgs>(),
     Subcommand::of::<perplexity::PerplexityArgs>(),
+    Subcommand::of::<serve::ServeArgs>(),
 ];
 
 fn root_command() -> clap::Command {
