@@ -137,3 +137,30 @@ mod tests {
         );
     }
 }
+
+/// The `auto` policy from a router file trained by `meswitch router train`.
+pub fn load_router_file(
+    path: &std::path::Path,
+    domain_to_expert: BTreeMap<String, Option<String>>,
+    threshold: f32,
+    default: Option<String>,
+) -> Result<Box<dyn Router<crate::model::CpuBackend>>, crate::server::serving::ServeError> {
+    let _ = (domain_to_expert, threshold, default);
+    Err(crate::server::serving::ServeError::Router(format!(
+        "{}: the hidden-state router is not in this build yet",
+        path.display()
+    )))
+}
+
+/// Trains the demo's hidden-state router on its labelled queries and maps
+/// each domain to its expert. `None` until the hidden-state router lands
+/// (the demo then serves without `auto`).
+pub fn train_demo_router(
+    backend: &crate::model::CpuBackend,
+    tokenizer: &crate::tokenizer::Tokenizer,
+    family: &crate::server::demo::DemoFamily,
+    threshold: f32,
+) -> Result<Option<Box<dyn Router<crate::model::CpuBackend>>>, crate::server::serving::ServeError> {
+    let _ = (backend, tokenizer, family, threshold);
+    Ok(None)
+}

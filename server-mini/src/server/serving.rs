@@ -175,3 +175,54 @@ mod tests {
         assert_eq!(e[0].name, "math");
     }
 }
+
+/// Parses a byte size: `60GiB`, `512MiB`, `1.5GB`, `4096` (bytes). Binary
+/// (`KiB`, `MiB`, `GiB`, `TiB`) and decimal (`KB`, `MB`, `GB`, `TB`) units.
+pub fn parse_bytes(s: &str) -> Result<u64, ServeError> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(ServeError::Config(format!(
+                "bad byte size {s:?} (e.g. 60GiB, 512MiB)"
+            )))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| ServeError::Config(format!("bad byte size {s:?} (e.g. 60GiB, 512MiB)")))?;
+    let bytes = n * scale as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(ServeError::Config(format!(
+            "byte size {s:?} is out of range"
+        )));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod byte_tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(parse_bytes("60GiB").unwrap(), 60 << 30);
+        assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5XB").is_err());
+    }
+}

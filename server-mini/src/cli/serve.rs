@@ -1,0 +1,207 @@
+//! `meswitch serve`: the OpenAI-compatible server. With no model arguments
+//! it builds and serves the synthetic demo family (see `server::demo`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+use super::Run;
+use crate::engine::EngineConfig;
+use crate::server::admin::AdminConfig;
+use crate::server::demo::{build_demo_family, default_cache_dir, DEMO_EXPERTS};
+use crate::server::serving::{
+    build_state, experts_from_files, parse_bytes, parse_domains, MakeRouter, ServeConfig,
+};
+use crate::server::{policy, Limits, RunningServer};
+
+/// Serve a base model and its experts over an OpenAI-compatible HTTP API (CPU).
+#[derive(Parser, Debug)]
+#[command(name = "serve")]
+pub struct ServeArgs {
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Base model: HF checkpoint folder or .gguf. Without it the demo family is served.
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Name of the base model in requests (default: folder name or file stem).
+    #[arg(long)]
+    base_name: Option<String>,
+    /// Compressed expert files (comma-separated); each is named by its file stem.
+    #[arg(long, value_delimiter = ',')]
+    experts: Vec<PathBuf>,
+    /// Trained router (`meswitch router train`), enables `model: "auto"`.
+    #[arg(long)]
+    router: Option<PathBuf>,
+    /// Which expert serves which router domain: `expert=domain,...` (`base=domain` for the base).
+    #[arg(long)]
+    domains: Option<String>,
+    /// Routed queries under this confidence go to --route-default.
+    #[arg(long, default_value_t = 0.5)]
+    route_threshold: f32,
+    /// Expert for low-confidence or unmapped queries (default: the base model).
+    #[arg(long)]
+    route_default: Option<String>,
+    /// Bytes of experts resident in the compute backend, e.g. 60GiB.
+    #[arg(long)]
+    gpu_budget: Option<String>,
+    /// Bytes of expert files held in host memory, e.g. 32GiB.
+    #[arg(long)]
+    host_budget: Option<String>,
+    /// Experts never evicted (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    pin: Vec<String>,
+    /// File holding the bearer token of the admin endpoints (off without it).
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Folder admin loads may read expert files from (required with --admin-token-file,
+    /// except for the demo, where it is the demo's compressed experts).
+    #[arg(long)]
+    models_dir: Option<PathBuf>,
+    /// Concurrent sequences in the decode batch.
+    #[arg(long, default_value_t = 32)]
+    max_running: usize,
+    /// Requests waiting beyond those; more get 429.
+    #[arg(long, default_value_t = 256)]
+    max_queued: usize,
+    /// Prompt + max_tokens limit per request.
+    #[arg(long, default_value_t = 2048)]
+    max_context: usize,
+    /// Demo: where the family is built (default: $MESWITCH_CACHE, else ~/.cache/meswitch).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Demo: number of experts (1-16).
+    #[arg(long, default_value_t = DEMO_EXPERTS)]
+    demo_experts: usize,
+}
+
+impl ServeArgs {
+    fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+        let mut c = EngineConfig {
+            max_running: self.max_running,
+            max_queued: self.max_queued,
+            max_context: self.max_context,
+            pinned: self.pin.clone(),
+            ..EngineConfig::default()
+        };
+        c.max_kv_tokens = c.max_running * c.max_context;
+        if let Some(b) = &self.gpu_budget {
+            c.device_budget_bytes = parse_bytes(b)?;
+        }
+        if let Some(b) = &self.host_budget {
+            c.host_budget_bytes = parse_bytes(b)?;
+        }
+        Ok(c)
+    }
+
+    fn admin(
+        &self,
+        default_models_dir: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<AdminConfig>> {
+        let Some(token_file) = &self.admin_token_file else {
+            return Ok(None);
+        };
+        let dir = self
+            .models_dir
+            .as_deref()
+            .or(default_models_dir)
+            .context("--admin-token-file needs --models-dir")?;
+        Ok(Some(AdminConfig::from_token_file(token_file, dir)?))
+    }
+}
+
+impl Run for ServeArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let engine = self.engine_config()?;
+        let limits = Limits {
+            max_context: self.max_context,
+            ..Limits::default()
+        };
+        let (config, make_router): (ServeConfig, MakeRouter<'_>) = match &self.base {
+            None => {
+                if !self.experts.is_empty() || self.router.is_some() {
+                    anyhow::bail!("--experts and --router need --base");
+                }
+                let cache = self.cache_dir.clone().unwrap_or_else(default_cache_dir);
+                let family = build_demo_family(&cache, self.demo_experts, |line| {
+                    eprintln!("[demo] {line}")
+                })?;
+                let models_dir = family.experts[0].path.parent().map(PathBuf::from);
+                let config = ServeConfig {
+                    base: family.base.clone(),
+                    base_name: Some("demo-base".into()),
+                    experts: family.experts.clone(),
+                    engine,
+                    limits,
+                    admin: self.admin(models_dir.as_deref())?,
+                };
+                let threshold = self.route_threshold;
+                let make: MakeRouter<'_> = Box::new(move |backend, tokenizer| {
+                    eprintln!(
+                        "[demo] training the router on {} labelled queries",
+                        family.train.len()
+                    );
+                    policy::train_demo_router(backend, tokenizer, &family, threshold)
+                });
+                (config, make)
+            }
+            Some(base) => {
+                let config = ServeConfig {
+                    base: base.clone(),
+                    base_name: self.base_name.clone(),
+                    experts: experts_from_files(&self.experts),
+                    engine,
+                    limits,
+                    admin: self.admin(None)?,
+                };
+                let base_name = config
+                    .base_name
+                    .clone()
+                    .unwrap_or_else(|| crate::server::serving::model_name(base));
+                let router = self.router.clone();
+                let domains = parse_domains(self.domains.as_deref().unwrap_or(""), &base_name)?;
+                let (threshold, default) = (self.route_threshold, self.route_default.clone());
+                let make: MakeRouter<'_> = Box::new(move |_, _| match router {
+                    None => Ok(None),
+                    Some(path) => {
+                        policy::load_router_file(&path, domains, threshold, default).map(Some)
+                    }
+                });
+                (config, make)
+            }
+        };
+        let state = build_state(config, make_router)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?;
+        runtime.block_on(async move {
+            let server = RunningServer::bind(self.listen, state.clone())
+                .await
+                .with_context(|| format!("binding {}", self.listen))?;
+            let url = format!("http://{}", server.addr);
+            let example = state
+                .engine
+                .experts()
+                .first()
+                .map(|e| e.name.clone())
+                .unwrap_or_else(|| state.base_name.clone());
+            let model = if state.routing { "auto" } else { example.as_str() };
+            println!("meswitch serving {} + {} experts on {url}", state.base_name, state.engine.experts().len());
+            if self.base.is_none() {
+                println!("(demo: synthetic weights; the text is noise, the serving path is real)");
+            }
+            println!("models:  curl {url}/v1/models");
+            println!(
+                "example: curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n  -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Can you explain integrals to me?\"}}], \"max_tokens\": 32}}'"
+            );
+            println!("metrics: curl {url}/metrics   (Ctrl-C stops)");
+            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            eprintln!("shutting down");
+            server.shutdown().await;
+            anyhow::Ok(())
+        })
+    }
+}
