@@ -214,12 +214,13 @@ impl CpuBackend {
     }
 
     /// Embeds the step's tokens and runs the first `n_layers` decoder
-    /// layers (appending to the caches); returns `h [rows, hidden]` and each
-    /// row's expert.
+    /// layers (appending to the caches), showing `h` after each layer to
+    /// `after_layer`; returns `h [rows, hidden]` and each row's expert.
     fn run_decoder(
         &self,
         batch: &mut [SeqStep<'_, KvCache>],
         n_layers: usize,
+        after_layer: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(Vec<f32>, Vec<Option<ExpertId>>), ModelError> {
         let c = &self.config;
         let (hd, kv_dim, q_dim) = (c.hidden_size, c.kv_dim(), c.q_dim());
@@ -314,6 +315,7 @@ impl CpuBackend {
             swiglu(&mut gate, &up);
             let down = self.linear(&lw.proj[Proj::Down.index()], proj(Proj::Down), &gate, &rows)?;
             add_in_place(&mut h, &down);
+            after_layer(l, &h);
         }
         Ok((h, rows))
     }
@@ -324,7 +326,7 @@ impl CpuBackend {
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let c = &self.config;
         let hd = c.hidden_size;
-        let (h, rows) = self.run_decoder(batch, c.num_layers)?;
+        let (h, rows) = self.run_decoder(batch, c.num_layers, &mut |_, _| {})?;
 
         // Only the rows whose logits were asked for go through the head.
         let mut picked = Vec::new();

@@ -17,8 +17,19 @@ impl CpuBackend {
         tokens: &[u32],
         layer: usize,
     ) -> Result<Vec<f32>, ModelError> {
+        Ok(self.hidden_states_at(tokens, &[layer])?.remove(0))
+    }
+
+    /// [`Backend::hidden_states`](crate::model::Backend::hidden_states) at
+    /// several layers from one pass (the router's layer sweep): one
+    /// `[tokens.len(), hidden]` per entry of `layers`, in that order.
+    pub fn hidden_states_at(
+        &self,
+        tokens: &[u32],
+        layers: &[usize],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let n_layers = self.config.num_layers;
-        if layer > n_layers {
+        if let Some(&layer) = layers.iter().find(|&&l| l > n_layers) {
             return Err(ModelError::LayerRange { layer, n_layers });
         }
         let mut cache = KvCache::default();
@@ -29,11 +40,28 @@ impl CpuBackend {
             logits: LogitsWanted::Last,
         }];
         self.validate(&batch)?;
-        let (h, rows) = self.run_decoder(&mut batch, (layer + 1).min(n_layers))?;
-        if layer < n_layers {
-            return Ok(h);
+        let deepest = layers
+            .iter()
+            .map(|&l| (l + 1).min(n_layers))
+            .max()
+            .unwrap_or(0);
+        let mut out = vec![Vec::new(); layers.len()];
+        let (h, rows) = self.run_decoder(&mut batch, deepest, &mut |l, h| {
+            for (o, _) in out.iter_mut().zip(layers).filter(|(_, &want)| want == l) {
+                *o = h.to_vec();
+            }
+        })?;
+        if layers.contains(&n_layers) {
+            let normed = self.norm_rows(&h, &self.weights.final_norm, |_| None, &rows);
+            for (o, _) in out
+                .iter_mut()
+                .zip(layers)
+                .filter(|(_, &want)| want == n_layers)
+            {
+                o.clone_from(&normed);
+            }
         }
-        Ok(self.norm_rows(&h, &self.weights.final_norm, |_| None, &rows))
+        Ok(out)
     }
 }
 
@@ -184,6 +212,16 @@ mod tests {
         let whole = m.hidden_states(&TOKENS, 1).unwrap();
         let prefix = m.hidden_states(&TOKENS[..4], 1).unwrap();
         assert_close(&prefix, &whole[..4 * d]);
+    }
+
+    #[test]
+    fn several_layers_in_one_pass_match_one_at_a_time() {
+        let m = model(3, 13);
+        let layers = [3, 0, 2, 0];
+        let all = m.hidden_states_at(&TOKENS, &layers).unwrap();
+        for (h, &l) in all.iter().zip(&layers) {
+            assert_eq!(h, &m.hidden_states(&TOKENS, l).unwrap(), "layer {l}");
+        }
     }
 
     #[test]
