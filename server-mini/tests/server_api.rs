@@ -1,0 +1,616 @@
+//! The HTTP server end to end on a loopback port: every endpoint, streaming,
+//! `auto` routing, unknown experts, malformed and oversized requests,
+//! back-pressure, mid-stream disconnects, admin load/unload.
+//!
+//! `auto` routes with a keyword stand-in for the domain classifier (the
+//! routing policy and the HTTP path are the real ones).
+
+mod server_support;
+
+use std::time::{Duration, Instant};
+
+use meswitch_server::server::admin::AdminConfig;
+use server_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn chat_body(model: &str, content: &str, extra: &str) -> String {
+    let msg = serde_json::json!([{"role": "user", "content": content}]);
+    format!(r#"{{"model":"{model}","messages":{msg}{extra}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_health_metrics_and_routing_of_paths() {
+    let s = start(Setup::default()).await;
+    let models = get(s.addr, "/v1/models").await;
+    assert_eq!(models.status, 200);
+    let ids: Vec<String> = models.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut want = vec![BASE_NAME.to_string()];
+    want.extend(family().experts.iter().map(|e| e.name.clone()));
+    want.push("auto".into());
+    assert_eq!(ids, want);
+
+    let health = get(s.addr, "/health").await;
+    assert_eq!(
+        (health.status, health.json()["status"].as_str()),
+        (200, Some("ok"))
+    );
+
+    let r = post(
+        s.addr,
+        "/v1/completions",
+        r#"{"model":"expert-01","prompt":"Hello","max_tokens":3}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = get(s.addr, "/metrics").await;
+    assert_eq!(m.status, 200);
+    assert!(m.header("content-type").unwrap().starts_with("text/plain"));
+    let text = m.text();
+    for family in [
+        "meswitch_http_requests_total",
+        "meswitch_time_to_first_token_seconds",
+        "meswitch_inter_token_latency_seconds",
+        "meswitch_queue_depth",
+        "meswitch_expert_requests_total",
+        "meswitch_expert_loads_total",
+        "meswitch_expert_evictions_total",
+        "meswitch_expert_bytes",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "no {family} in\n{text}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "meswitch_http_requests_total{endpoint=\"/v1/completions\",status=\"200\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "meswitch_completion_tokens_total{model=\"expert-01\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&text, "meswitch_time_to_first_token_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "meswitch_inter_token_latency_seconds_count"),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "meswitch_expert_requests_total{expert=\"expert-01\"}"
+        ),
+        Some(1.0)
+    );
+
+    assert_eq!(get(s.addr, "/nope").await.status, 404);
+    let wrong = get(s.addr, "/v1/chat/completions").await;
+    assert_eq!(wrong.status, 405);
+    wrong.error();
+    assert_eq!(post(s.addr, "/health", "{}").await.status, 405);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_completions_streaming_and_not_agree() {
+    let s = start(Setup::default()).await;
+    for expert in ["expert-02", BASE_NAME] {
+        let body = chat_body(
+            expert,
+            "Give me a short summary of risotto.",
+            r#","max_tokens":12,"temperature":0"#,
+        );
+        let whole = post(s.addr, "/v1/chat/completions", &body).await;
+        assert_eq!(whole.status, 200, "{}", whole.text());
+        assert_eq!(whole.header("x-meswitch-expert"), Some(expert));
+        assert!(whole.header("x-meswitch-route-confidence").is_none());
+        let v = whole.json();
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["model"], expert);
+        let usage = &v["usage"];
+        let (prompt, completion) = (
+            usage["prompt_tokens"].as_u64().unwrap(),
+            usage["completion_tokens"].as_u64().unwrap(),
+        );
+        assert!(
+            prompt > 30,
+            "byte-level prompt of a templated message: {prompt}"
+        );
+        assert!((1..=12).contains(&completion));
+        assert_eq!(usage["total_tokens"].as_u64(), Some(prompt + completion));
+        let finish = v["choices"][0]["finish_reason"].as_str().unwrap();
+        assert_eq!(finish == "length", completion == 12, "{v}");
+        let text = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+
+        let streamed = post(
+            s.addr,
+            "/v1/chat/completions",
+            &body.replace(r#""max_tokens""#, r#""stream":true,"max_tokens""#),
+        )
+        .await;
+        assert_eq!(streamed.status, 200);
+        assert_eq!(streamed.header("content-type"), Some("text/event-stream"));
+        assert_eq!(streamed.header("x-meswitch-expert"), Some(expert));
+        let events = streamed.sse_data();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert!(chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["model"] == expert));
+        let joined: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(joined, text, "greedy: streamed text = whole text");
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"].as_str(), Some(finish));
+        assert_eq!(last["usage"], *usage);
+    }
+    // /v1/completions: text and token-id prompts.
+    let r = post(
+        s.addr,
+        "/v1/completions",
+        r#"{"model":"expert-00","prompt":"Hi","max_tokens":4,"temperature":0}"#,
+    )
+    .await;
+    let v = r.json();
+    assert_eq!(
+        (v["object"].as_str(), v["usage"]["prompt_tokens"].as_u64()),
+        (Some("text_completion"), Some(3)),
+        "BOS + 2 bytes: {v}"
+    );
+    let ids = post(
+        s.addr,
+        "/v1/completions",
+        r#"{"model":"expert-00","prompt":[1,75,108],"max_tokens":4,"temperature":0}"#,
+    )
+    .await;
+    assert_eq!(
+        ids.json()["choices"][0]["text"],
+        v["choices"][0]["text"],
+        "ids of <s>Hi give the same text"
+    );
+    let sse = post(
+        s.addr,
+        "/v1/completions",
+        r#"{"model":"expert-00","prompt":"Hi","max_tokens":4,"temperature":0,"stream":true}"#,
+    )
+    .await;
+    let events = sse.sse_data();
+    let joined: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(joined, v["choices"][0]["text"].as_str().unwrap());
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_routes_by_domain_and_reports_confidence() {
+    let s = start(Setup::default()).await;
+    let fam = family();
+    for (i, (expert, domain)) in fam.domains.iter().enumerate() {
+        let topic = meswitch_server::server::demo::DEMO_DOMAINS[i].1[0];
+        for stream in [false, true] {
+            let extra = format!(r#","max_tokens":2,"stream":{stream}"#);
+            let r = post(
+                s.addr,
+                "/v1/chat/completions",
+                &chat_body("auto", &format!("Can you explain {topic} to me?"), &extra),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("x-meswitch-expert"), Some(expert.as_str()));
+            assert_eq!(r.header("x-meswitch-route-domain"), Some(domain.as_str()));
+            let conf: f32 = r
+                .header("x-meswitch-route-confidence")
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((conf - KEYWORD_CONFIDENCE).abs() < 1e-3);
+            let first = if stream {
+                serde_json::from_str(&r.sse_data()[0]).unwrap()
+            } else {
+                r.json()
+            };
+            assert_eq!(first["model"], expert.as_str());
+            assert_eq!(first["meswitch_route"]["domain"], domain.as_str());
+        }
+    }
+    // No topic word: every class equally likely, under the threshold → the base model.
+    let r = post(
+        s.addr,
+        "/v1/chat/completions",
+        &chat_body("auto", "zzz", r#","max_tokens":2"#),
+    )
+    .await;
+    assert_eq!(r.header("x-meswitch-expert"), Some(BASE_NAME));
+    assert_eq!(r.json()["meswitch_route"]["expert"], BASE_NAME);
+    s.shutdown().await;
+
+    // Without a router `auto` is a 400.
+    let s = start(Setup {
+        router: false,
+        ..Setup::default()
+    })
+    .await;
+    let r = post(s.addr, "/v1/chat/completions", &chat_body("auto", "hi", "")).await;
+    assert_eq!(
+        (r.status, r.error()["param"].as_str()),
+        (400, Some("model"))
+    );
+    assert!(!get(s.addr, "/v1/models").await.text().contains("\"auto\""));
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_openai_errors_and_disturb_nothing() {
+    let s = start(Setup::default()).await;
+    let long = "x".repeat(600);
+    let cases: Vec<(String, u16, Option<&str>, Option<&str>)> = vec![
+        ("{not json".into(), 400, None, None),
+        ("[]".into(), 400, None, None),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}]}"#.into(),
+            400,
+            Some("model"),
+            None,
+        ),
+        (
+            chat_body("expert-01", "x", r#","max_tokens":"5""#),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            chat_body("expert-01", "x", r#","temperature":"hot""#),
+            400,
+            Some("temperature"),
+            None,
+        ),
+        (
+            chat_body("expert-01", "x", r#","stream":1"#),
+            400,
+            Some("stream"),
+            None,
+        ),
+        (
+            r#"{"model":"expert-01","messages":[{"role":"user"}]}"#.into(),
+            400,
+            Some("messages[0].content"),
+            None,
+        ),
+        (
+            chat_body("no-such-expert", "x", ""),
+            404,
+            Some("model"),
+            Some("model_not_found"),
+        ),
+        (
+            chat_body("expert-01", &long, ""),
+            400,
+            Some("messages"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            chat_body("expert-01", "x", r#","max_tokens":0"#),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            chat_body("expert-01", "x", r#","max_tokens":401"#),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            chat_body("expert-01", &"y".repeat(300), r#","max_tokens":300"#),
+            400,
+            Some("max_tokens"),
+            Some("context_length_exceeded"),
+        ),
+    ];
+    for (body, status, param, code) in &cases {
+        let r = post(s.addr, "/v1/chat/completions", body).await;
+        assert_eq!(r.status, *status, "{body}: {}", r.text());
+        let e = r.error();
+        assert_eq!(e["param"].as_str(), *param, "{body}: {e}");
+        assert_eq!(e["code"].as_str(), *code, "{body}: {e}");
+        assert_eq!(
+            e["type"],
+            if *status == 404 {
+                "invalid_request_error"
+            } else {
+                "invalid_request_error"
+            }
+        );
+    }
+    let r = post(
+        s.addr,
+        "/v1/completions",
+        r#"{"model":"expert-01","prompt":[1,99999]}"#,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error()["param"].as_str()),
+        (400, Some("prompt"))
+    );
+
+    // Oversized bodies: declared by Content-Length (refused before reading), and chunked.
+    let big = format!(
+        r#"{{"model":"expert-01","prompt":"{}"}}"#,
+        "a".repeat(70 * 1024)
+    );
+    let r = post(s.addr, "/v1/completions", &big).await;
+    assert_eq!(
+        (r.status, r.error()["code"].as_str()),
+        (413, Some("request_too_large"))
+    );
+    let mut chunked = b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for piece in big.as_bytes().chunks(8192) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    assert_eq!(raw(s.addr, &chunked).await.status, 413);
+    // Garbage that is not HTTP at all: the connection is refused by hyper, the server lives on.
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"\x00\x01garbage\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = c.read_to_end(&mut sink).await;
+
+    // Every error was answered and a good request still works.
+    let ok = post(
+        s.addr,
+        "/v1/chat/completions",
+        &chat_body("expert-01", "x", r#","max_tokens":2"#),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let stats = s.state.engine.stats();
+    assert_eq!(stats.failed_requests, 0);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_stream_frees_its_slot() {
+    let s = start(Setup::default()).await;
+    let max_tokens = 400;
+    let body = serde_json::json!({"model": "expert-03", "prompt": "Once", "max_tokens": max_tokens,
+                                  "stream": true, "temperature": 0})
+    .to_string();
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(&request("POST", "/v1/completions", &[], body.as_bytes()))
+        .await
+        .unwrap();
+    // Read until the first SSE event has arrived, then hang up.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(6).any(|w| w == b"data: ") {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before any event");
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(c);
+    let left = Instant::now();
+    loop {
+        let st = s.state.engine.stats();
+        if st.running == 0 && st.queued == 0 {
+            break;
+        }
+        assert!(
+            left.elapsed() < Duration::from_secs(10),
+            "slot still held: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let st = s.state.engine.stats();
+    assert!(
+        st.generated_tokens < max_tokens as u64,
+        "the request ran to the end ({} tokens) instead of being cancelled",
+        st.generated_tokens
+    );
+    let m = get(s.addr, "/metrics").await.text();
+    assert_eq!(
+        metric(
+            &m,
+            "meswitch_client_disconnects_total{endpoint=\"/v1/completions\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, "meswitch_running_sequences"), Some(0.0));
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_429_and_shutdown_is_503_with_retry_after() {
+    let mut setup = Setup::default();
+    setup.engine.max_running = 1;
+    setup.engine.max_queued = 1;
+    setup.engine.max_kv_tokens = 512;
+    let s = start(setup).await;
+    let body = r#"{"model":"expert-00","prompt":"Once","max_tokens":400,"temperature":0}"#;
+    let replies = futures_join(s.addr, body, 4).await;
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert!(
+        statuses.iter().filter(|&&x| x == 200).count() >= 1,
+        "{statuses:?}"
+    );
+    let limited: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert!(
+        !limited.is_empty(),
+        "4 long requests for 1 slot + 1 queue place: {statuses:?}"
+    );
+    for r in limited {
+        assert!(r.header("retry-after").unwrap().parse::<u32>().unwrap() >= 1);
+        assert_eq!(r.error()["type"], "rate_limit_error");
+    }
+    s.state.begin_shutdown();
+    let r = post(s.addr, "/v1/completions", body).await;
+    assert_eq!(r.status, 503);
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(get(s.addr, "/health").await.status, 503);
+    s.shutdown().await;
+}
+
+async fn futures_join(addr: std::net::SocketAddr, body: &'static str, n: usize) -> Vec<Reply> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(post(addr, "/v1/completions", body)))
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_load_and_unload_need_the_token_and_stay_in_the_models_folder() {
+    // Admin off: 404 whatever the token.
+    let s = start(Setup::default()).await;
+    let r = post_auth(
+        s.addr,
+        "/admin/experts/unload",
+        "x",
+        r#"{"name":"expert-00"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    r.error();
+    s.shutdown().await;
+
+    let fam = family();
+    let extra = &fam.experts[3];
+    let (tmp, models) = models_dir_with(&[extra]);
+    let outside = tmp.path().join("outside.safetensors");
+    std::fs::copy(&extra.path, &outside).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&outside, models.join("link.safetensors")).unwrap();
+    let token = "s3cret-token";
+    let setup = Setup {
+        experts: fam.experts[..3].to_vec(),
+        admin: Some(AdminConfig::new(token, &models).unwrap()),
+        ..Setup::default()
+    };
+    let s = start(setup).await;
+    let file = extra.path.file_name().unwrap().to_str().unwrap();
+    let load = format!(r#"{{"name":"late","file":"{file}"}}"#);
+    let raw_no_auth = raw(
+        s.addr,
+        &request("POST", "/admin/experts/load", &[], load.as_bytes()),
+    )
+    .await;
+    assert_eq!(raw_no_auth.status, 401);
+    assert_eq!(
+        post_auth(s.addr, "/admin/experts/load", "wrong", &load)
+            .await
+            .status,
+        403
+    );
+    for bad in [
+        format!("../{file}"),
+        outside.display().to_string(),
+        "link.safetensors".to_string(),
+        "/etc/passwd".to_string(),
+    ] {
+        let body = serde_json::json!({"name": "late", "file": bad}).to_string();
+        let r = post_auth(s.addr, "/admin/experts/load", token, &body).await;
+        assert_eq!(r.status, 403, "{bad}: {}", r.text());
+    }
+    let r = post_auth(
+        s.addr,
+        "/admin/experts/load",
+        token,
+        r#"{"name":"late","file":"missing.safetensors"}"#,
+    )
+    .await;
+    assert_eq!((r.status, r.error()["param"].as_str()), (400, Some("file")));
+    let r = post_auth(
+        s.addr,
+        "/admin/experts/load",
+        token,
+        r#"{"name":"auto","file":"x"}"#,
+    )
+    .await;
+    assert_eq!((r.status, r.error()["param"].as_str()), (400, Some("name")));
+
+    // Not served before the load, served after, gone after the unload.
+    let gen = chat_body("late", "hi", r#","max_tokens":2"#);
+    assert_eq!(post(s.addr, "/v1/chat/completions", &gen).await.status, 404);
+    let r = post_auth(s.addr, "/admin/experts/load", token, &load).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        post_auth(s.addr, "/admin/experts/load", token, &load)
+            .await
+            .status,
+        409,
+        "already loaded"
+    );
+    let r = post(s.addr, "/v1/chat/completions", &gen).await;
+    assert_eq!(
+        (r.status, r.header("x-meswitch-expert")),
+        (200, Some("late")),
+        "{}",
+        r.text()
+    );
+    assert!(get(s.addr, "/v1/models").await.text().contains("\"late\""));
+    let list = raw(
+        s.addr,
+        &request(
+            "GET",
+            "/admin/experts",
+            &[("Authorization", &format!("Bearer {token}"))],
+            b"",
+        ),
+    )
+    .await;
+    assert!(list.json()["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "late"));
+    let unload = r#"{"name":"late"}"#;
+    assert_eq!(
+        post_auth(s.addr, "/admin/experts/unload", "wrong", unload)
+            .await
+            .status,
+        403
+    );
+    let r = post_auth(s.addr, "/admin/experts/unload", token, unload).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(post(s.addr, "/v1/chat/completions", &gen).await.status, 404);
+    assert_eq!(
+        post_auth(s.addr, "/admin/experts/unload", token, unload)
+            .await
+            .status,
+        404
+    );
+    s.shutdown().await;
+}
