@@ -155,11 +155,17 @@ impl Gpu {
         if let Some(f) = cache.get(kernel) {
             return Ok(f.clone());
         }
-        for module in self.modules.values() {
-            if let Ok(f) = module.load_function(kernel) {
-                cache.insert(kernel.to_string(), f.clone());
-                return Ok(f);
-            }
+        // Ask the driver only of the module whose PTX declares the entry:
+        // probing every module makes failed cuModuleGetFunction calls, which
+        // compute-sanitizer reports as API errors.
+        let entry = format!(".entry {kernel}(");
+        let owner = meswitch_ptx::MODULES
+            .iter()
+            .find(|m| m.ptx.contains(&entry))
+            .and_then(|m| self.modules.get(m.name));
+        if let Some(f) = owner.and_then(|module| module.load_function(kernel).ok()) {
+            cache.insert(kernel.to_string(), f.clone());
+            return Ok(f);
         }
         Err(OpsError::MissingKernel {
             kernel: kernel.to_string(),

@@ -53,8 +53,11 @@ typedef unsigned long long uint64_t;
 /* Batch rows per mma tile (the N of m16n8k16). */
 #define MESWITCH_GEMV_BATCH_TILE 8u
 /* Warps per block; they split the input dimension of the block's 16 rows
- * (intra-block split-K, reduced through shared memory in a fixed order). */
-#define MESWITCH_GEMV_WARPS 4u
+ * (intra-block split-K, reduced through shared memory in a fixed order).
+ * A 4096-row matrix gives only 256 blocks (two per SM on an H100), so the
+ * warps that hide memory latency have to come from inside the block: 8 warps
+ * with at most 128 registers each let two blocks share an SM. */
+#define MESWITCH_GEMV_WARPS 8u
 #define MESWITCH_GEMV_THREADS (MESWITCH_GEMV_WARPS * 32u)
 /* Input columns one warp consumes per step: 4 lanes per row x 32 columns each,
  * so every lane reads whole 16-byte vectors of base, x and codes, and a lane's
@@ -64,6 +67,11 @@ typedef unsigned long long uint64_t;
 #define MESWITCH_GEMV_K_CHUNK 128u
 /* Grid of a GEMV launch: x = ceil(out_features / MESWITCH_GEMV_ROWS_PER_BLOCK),
  * y = z = 1, block = MESWITCH_GEMV_THREADS, no dynamic shared memory. */
+/* Each GEMV variant exists for 1, 2, 4 and 8 mma n-tiles (entry suffix _t1,
+ * _t2, _t4, _t8): the accumulators of unused tiles would otherwise cost
+ * registers, and registers bound how many warps an SM holds. A launch of
+ * batch B uses the smallest variant with TILES x 8 >= B. */
+#define MESWITCH_GEMV_MAX_TILES (MESWITCH_MAX_BATCH / MESWITCH_GEMV_BATCH_TILE)
 
 /* ---- dequantize tiling ---------------------------------------------------- */
 

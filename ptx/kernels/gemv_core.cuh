@@ -6,20 +6,24 @@
 // Work split (constants in meswitch_abi.h):
 //
 //   grid.x = ceil(out / 16)     one block per 16 output rows (mma M = 16)
-//   block  = 4 warps            warp w takes K chunks w, w+4, w+8, ... of 128
-//                               input columns (intra-block split-K)
-//   batch  <= 64                8 mma n-tiles of 8 batch rows, all held in
+//   block  = 8 warps            the base's K chunks of 128 input columns go to
+//                               warp w = chunk % 8; the deltas' (expert, chunk)
+//                               items are dealt round-robin the same way
+//                               (intra-block split-K), several items' loads
+//                               issued before their first mma
+//   batch  <= 8·TILES           TILES (1, 2, 4 or 8: a template parameter)
+//                               mma n-tiles of 8 batch rows, all held in
 //                               registers: acc[n-tile][4] f32
 //
 // So W_base is read once per launch whatever the batch, and each active
 // expert's codes/scales/offsets once: an expert's mma runs with B = x masked
 // to the batch rows that use that expert (n-tiles without such a row are
-// skipped). 4096 rows give 256 blocks, about two per SM on a 132-SM H100, so
-// B = 1 fills the GPU without split-K across blocks.
+// skipped). 4096 rows give 256 blocks, about two per SM on a 132-SM H100.
 //
-// After the K loop each warp parks its 16 x 64 partial sums in shared memory;
-// the block adds the 4 warps in a fixed order (deterministic), adds the
-// salient residual columns in f32 and rounds to FP16 once.
+// The salient residual columns run as more mma items after the deltas (see
+// there). After the K loop each warp parks its 16 x (8·TILES) partial sums in
+// shared memory; the block adds the warps in a fixed order (deterministic)
+// and rounds to FP16 once.
 #ifndef MESWITCH_GEMV_CORE_CUH
 #define MESWITCH_GEMV_CORE_CUH
 
@@ -27,7 +31,6 @@
 
 #include "delta_unpack.cuh"
 
-#define MESWITCH_MMA_TILES (MESWITCH_MAX_BATCH / MESWITCH_GEMV_BATCH_TILE)
 #define MESWITCH_OCTETS_PER_LANE 4u
 
 // D = A·B + D for one m16n8k16 tile, FP16 inputs, FP32 accumulators.
@@ -73,17 +76,35 @@ __device__ __forceinline__ uint32_t meswitch_dequant_half2(uint32_t magic, __hal
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-template <int BITS, uint32_t GROUP, bool WITH_BASE>
+// Work items in flight per warp. A decode GEMV is latency-bound unless each
+// warp has several independent loads outstanding: the loop issues the loads
+// of this many items (K chunks of the base, or (expert, K chunk) pairs of the
+// deltas) before the first mma that consumes them. Registers bound them: a
+// base item holds 32 registers of weights, an INT4 expert item 8 + 4; from
+// 4 n-tiles on, the accumulators leave room for fewer under the 128-register
+// cap (more would spill, which the build rejects).
+#define MESWITCH_BASE_ITEMS_IN_FLIGHT(tiles) ((tiles) >= 4u ? 1u : 2u)
+#define MESWITCH_DELTA_ITEMS_IN_FLIGHT(tiles) ((tiles) >= 4u ? 2u : 4u)
+
+// (lo, hi) -> half2 bits, lo in the low 16 bits (the lower k index of an mma register).
+__device__ __forceinline__ uint32_t meswitch_pack_half2(__half lo, __half hi) {
+    return (uint32_t)__half_as_ushort(lo) | ((uint32_t)__half_as_ushort(hi) << 16);
+}
+
+template <int BITS, uint32_t GROUP, bool WITH_BASE, uint32_t TILES>
 __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) {
     // Partial sums of each warp: [warp][tile row 0..15][batch row 0..63].
-    __shared__ float s_part[MESWITCH_GEMV_WARPS][MESWITCH_GEMV_ROWS_PER_BLOCK][MESWITCH_MAX_BATCH];
-    // Distinct experts of the batch and, per expert, a bit per batch row.
+    __shared__ float s_part[MESWITCH_GEMV_WARPS][MESWITCH_GEMV_ROWS_PER_BLOCK][TILES * MESWITCH_GEMV_BATCH_TILE];
+    // Distinct experts of the batch, their descriptors (read from global
+    // memory once per block, not once per K chunk) and, per expert, a bit per
+    // batch row.
     __shared__ uint32_t s_expert[MESWITCH_MAX_BATCH];
+    __shared__ MeswitchExpertDelta s_delta[MESWITCH_MAX_BATCH];
     __shared__ unsigned long long s_rows[MESWITCH_MAX_BATCH];
     __shared__ uint32_t s_n_active;
 
     const uint32_t out = p.out_features, in = p.in_features;
-    const uint32_t batch = p.batch < MESWITCH_MAX_BATCH ? p.batch : MESWITCH_MAX_BATCH;
+    const uint32_t batch = min(p.batch, TILES * MESWITCH_GEMV_BATCH_TILE);
     const uint32_t* row_expert = reinterpret_cast<const uint32_t*>(p.row_expert);
     const MeswitchExpertDelta* experts = reinterpret_cast<const MeswitchExpertDelta*>(p.experts);
     const __half* x = reinterpret_cast<const __half*>(p.x);
@@ -103,6 +124,9 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
         s_n_active = n;
     }
     __syncthreads();
+    const uint32_t n_active = s_n_active;
+    if (threadIdx.x < n_active) s_delta[threadIdx.x] = experts[s_expert[threadIdx.x]];
+    __syncthreads();
 
     const uint32_t warp = threadIdx.x / 32u, lane = threadIdx.x % 32u;
     const uint32_t g = lane / 4u, t = lane % 4u;
@@ -113,62 +137,98 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
     const uint32_t n_chunks = in / MESWITCH_GEMV_K_CHUNK;
     const uint32_t words_per_row = in * BITS / MESWITCH_WORD_BITS;
     const uint32_t n_groups = GROUP == MESWITCH_GROUP_ROW ? 1u : in / GROUP;
-    const uint32_t n_active = s_n_active;
 
-    float acc[MESWITCH_MMA_TILES][4];
+    float acc[TILES][4];
 #pragma unroll
-    for (uint32_t nt = 0; nt < MESWITCH_MMA_TILES; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    for (uint32_t nt = 0; nt < TILES; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 
-    for (uint32_t chunk = warp; chunk < n_chunks; chunk += MESWITCH_GEMV_WARPS) {
-        const uint32_t col0 = chunk * MESWITCH_GEMV_K_CHUNK + 32u * t;  // lane's first column
-
-        if (WITH_BASE) {
-            const __half* base = reinterpret_cast<const __half*>(p.base);
+    // ---- base: warp w takes K chunks w, w + WARPS, ..., BASE_ITEMS_IN_FLIGHT at a time.
+    if (WITH_BASE) {
+        const __half* base = reinterpret_cast<const __half*>(p.base);
+        for (uint32_t first = warp; first < n_chunks;
+             first += MESWITCH_GEMV_WARPS * MESWITCH_BASE_ITEMS_IN_FLIGHT(TILES)) {
+            uint4 lo[MESWITCH_BASE_ITEMS_IN_FLIGHT(TILES)][MESWITCH_OCTETS_PER_LANE];
+            uint4 hi[MESWITCH_BASE_ITEMS_IN_FLIGHT(TILES)][MESWITCH_OCTETS_PER_LANE];
 #pragma unroll
-            for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-                const uint32_t c = col0 + 8u * q;
-                uint4 lo = meswitch_ld16(base + (size_t)r_lo * in + c);
-                uint4 hi = meswitch_ld16(base + (size_t)r_hi * in + c);
+            for (uint32_t u = 0; u < MESWITCH_BASE_ITEMS_IN_FLIGHT(TILES); ++u) {
+                const uint32_t chunk = first + u * MESWITCH_GEMV_WARPS;
+                const uint32_t col0 = min(chunk, n_chunks - 1u) * MESWITCH_GEMV_K_CHUNK + 32u * t;
 #pragma unroll
-                for (uint32_t nt = 0; nt < MESWITCH_MMA_TILES; ++nt) {
-                    if (nt < n_tiles) {
-                        const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
-                        uint4 xv = b < batch ? meswitch_ld16(x + (size_t)b * in + c) : make_uint4(0, 0, 0, 0);
-                        meswitch_mma_16816(acc[nt], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
-                        meswitch_mma_16816(acc[nt], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
+                for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
+                    lo[u][q] = meswitch_ld16(base + (size_t)r_lo * in + col0 + 8u * q);
+                    hi[u][q] = meswitch_ld16(base + (size_t)r_hi * in + col0 + 8u * q);
+                }
+            }
+#pragma unroll
+            for (uint32_t u = 0; u < MESWITCH_BASE_ITEMS_IN_FLIGHT(TILES); ++u) {
+                const uint32_t chunk = first + u * MESWITCH_GEMV_WARPS;
+                if (chunk >= n_chunks) break;  // warp-uniform
+                const uint32_t col0 = chunk * MESWITCH_GEMV_K_CHUNK + 32u * t;
+#pragma unroll
+                for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
+                    const uint32_t c = col0 + 8u * q;
+#pragma unroll
+                    for (uint32_t nt = 0; nt < TILES; ++nt) {
+                        if (nt < n_tiles) {
+                            const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
+                            uint4 xv = b < batch ? meswitch_ld16(x + (size_t)b * in + c) : make_uint4(0, 0, 0, 0);
+                            meswitch_mma_16816(acc[nt], lo[u][q].x, hi[u][q].x, lo[u][q].y, hi[u][q].y, xv.x, xv.y);
+                            meswitch_mma_16816(acc[nt], lo[u][q].z, hi[u][q].z, lo[u][q].w, hi[u][q].w, xv.z, xv.w);
+                        }
                     }
                 }
             }
         }
+    }
 
-        for (uint32_t i = 0; i < n_active; ++i) {
-            const MeswitchExpertDelta d = experts[s_expert[i]];
-            const unsigned long long rows = s_rows[i];
+    // ---- deltas: the (active expert i, K chunk) pairs, item k = i·n_chunks +
+    // chunk, dealt to the warps round-robin so that a batch of many experts
+    // keeps every warp as busy as one expert does; all warps' partial sums
+    // are added in the epilogue, so any warp may take any item.
+    const uint32_t n_items = n_active * n_chunks;
+    for (uint32_t first = warp; first < n_items;
+         first += MESWITCH_GEMV_WARPS * MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)) {
+        uint32_t w_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)][4], w_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)][4];
+        __half2 s_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)], s_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)];
+        __half2 o_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)], o_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)];
+#pragma unroll
+        for (uint32_t u = 0; u < MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES); ++u) {
+            // Past the end: reload the last item (valid memory), never used.
+            const uint32_t k = min(first + u * MESWITCH_GEMV_WARPS, n_items - 1u);
+            const uint32_t i = k / n_chunks, chunk = k % n_chunks;
+            const MeswitchExpertDelta& d = s_delta[i];
             const uint32_t grp = meswitch_lane_group(chunk, t, GROUP);
             const __half* scales = reinterpret_cast<const __half*>(d.scales);
             const __half* offsets = reinterpret_cast<const __half*>(d.offsets);
-            const __half2 s_lo = __half2half2(scales[(size_t)r_lo * n_groups + grp]);
-            const __half2 s_hi = __half2half2(scales[(size_t)r_hi * n_groups + grp]);
-            const __half2 o_lo = __half2half2(offsets[(size_t)r_lo * n_groups + grp]);
-            const __half2 o_hi = __half2half2(offsets[(size_t)r_hi * n_groups + grp]);
+            s_lo[u] = __half2half2(scales[(size_t)r_lo * n_groups + grp]);
+            s_hi[u] = __half2half2(scales[(size_t)r_hi * n_groups + grp]);
+            o_lo[u] = __half2half2(offsets[(size_t)r_lo * n_groups + grp]);
+            o_hi[u] = __half2half2(offsets[(size_t)r_hi * n_groups + grp]);
             const uint32_t* codes = reinterpret_cast<const uint32_t*>(d.codes);
-            const uint32_t lane_word = col0 * BITS / MESWITCH_WORD_BITS;
-            uint32_t w_lo[4], w_hi[4];
-            meswitch_load_lane_words<BITS>(codes + (size_t)r_lo * words_per_row + lane_word, w_lo);
-            meswitch_load_lane_words<BITS>(codes + (size_t)r_hi * words_per_row + lane_word, w_hi);
+            const uint32_t lane_word = (chunk * MESWITCH_GEMV_K_CHUNK + 32u * t) * BITS / MESWITCH_WORD_BITS;
+            meswitch_load_lane_words<BITS>(codes + (size_t)r_lo * words_per_row + lane_word, w_lo[u]);
+            meswitch_load_lane_words<BITS>(codes + (size_t)r_hi * words_per_row + lane_word, w_hi[u]);
+        }
+#pragma unroll
+        for (uint32_t u = 0; u < MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES); ++u) {
+            const uint32_t k = first + u * MESWITCH_GEMV_WARPS;
+            if (k >= n_items) break;  // warp-uniform
+            const uint32_t i = k / n_chunks, chunk = k % n_chunks;
+            const unsigned long long rows = s_rows[i];
+            const uint32_t col0 = chunk * MESWITCH_GEMV_K_CHUNK + 32u * t;
 #pragma unroll
             for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
                 uint32_t a_lo[4], a_hi[4];
-                meswitch_octet_to_half2x4(meswitch_octet_field(w_lo, q, BITS), BITS, a_lo);
-                meswitch_octet_to_half2x4(meswitch_octet_field(w_hi, q, BITS), BITS, a_hi);
+                meswitch_octet_to_half2x4(meswitch_octet_field(w_lo[u], q, BITS), BITS, a_lo);
+                meswitch_octet_to_half2x4(meswitch_octet_field(w_hi[u], q, BITS), BITS, a_hi);
 #pragma unroll
                 for (uint32_t j = 0; j < 4u; ++j) {
-                    a_lo[j] = meswitch_dequant_half2(a_lo[j], s_lo, o_lo);
-                    a_hi[j] = meswitch_dequant_half2(a_hi[j], s_hi, o_hi);
+                    a_lo[j] = meswitch_dequant_half2(a_lo[j], s_lo[u], o_lo[u]);
+                    a_hi[j] = meswitch_dequant_half2(a_hi[j], s_hi[u], o_hi[u]);
                 }
                 const uint32_t c = col0 + 8u * q;
 #pragma unroll
-                for (uint32_t nt = 0; nt < MESWITCH_MMA_TILES; ++nt) {
+                for (uint32_t nt = 0; nt < TILES; ++nt) {
                     // Warp-uniform: skip n-tiles with no row of this expert.
                     if (nt < n_tiles && ((rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 0xFFull) != 0ull) {
                         const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
@@ -186,8 +246,59 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
         }
     }
 
+    // ---- salient residual columns: per expert a dense [16 rows x k] FP16
+    // tile S times x gathered at the k salient columns, as mma items of 16
+    // columns (k padded with zeros), dealt to the warps like the delta items.
+    // Running them through the tensor cores inside the K loop keeps them off
+    // the epilogue, where k dependent gathers per output would serialize.
+    //
+    //   lane (g, t), item columns j = 16·sc + {2t, 2t+1, 2t+8, 2t+9}:
+    //     A = S[r_lo | r_hi, j]        (0 where j >= k)
+    //     B = x[b, salient_index[j]]   (0 where j >= k or row b is not this expert's)
+    {
+        uint32_t item = 0;
+        for (uint32_t i = 0; i < n_active; ++i) {
+            const MeswitchExpertDelta& d = s_delta[i];
+            const uint32_t k = d.n_salient;
+            const __half* sval = reinterpret_cast<const __half*>(d.salient_values);
+            const uint32_t* sidx = reinterpret_cast<const uint32_t*>(d.salient_index);
+            const unsigned long long rows = s_rows[i];
+            for (uint32_t j0 = 0; j0 < k; j0 += 16u, ++item) {
+                if (item % MESWITCH_GEMV_WARPS != warp) continue;  // warp-uniform
+                const uint32_t j[4] = {j0 + 2u * t, j0 + 2u * t + 1u, j0 + 2u * t + 8u, j0 + 2u * t + 9u};
+                __half a_lo[4], a_hi[4];
+                uint32_t col[4];
 #pragma unroll
-    for (uint32_t nt = 0; nt < MESWITCH_MMA_TILES; ++nt) {
+                for (uint32_t q = 0; q < 4u; ++q) {
+                    const bool ok = j[q] < k;
+                    a_lo[q] = ok ? sval[(size_t)r_lo * k + j[q]] : __ushort_as_half(0);
+                    a_hi[q] = ok ? sval[(size_t)r_hi * k + j[q]] : __ushort_as_half(0);
+                    col[q] = ok ? sidx[j[q]] : 0u;
+                }
+                const uint32_t a0 = meswitch_pack_half2(a_lo[0], a_lo[1]);
+                const uint32_t a1 = meswitch_pack_half2(a_hi[0], a_hi[1]);
+                const uint32_t a2 = meswitch_pack_half2(a_lo[2], a_lo[3]);
+                const uint32_t a3 = meswitch_pack_half2(a_hi[2], a_hi[3]);
+#pragma unroll
+                for (uint32_t nt = 0; nt < TILES; ++nt) {
+                    if (nt < n_tiles && ((rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 0xFFull) != 0ull) {
+                        const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
+                        __half xb[4];
+                        const bool mine = (rows >> b) & 1ull;
+#pragma unroll
+                        for (uint32_t q = 0; q < 4u; ++q) {
+                            xb[q] = mine && j[q] < k ? x[(size_t)b * in + col[q]] : __ushort_as_half(0);
+                        }
+                        meswitch_mma_16816(acc[nt], a0, a1, a2, a3, meswitch_pack_half2(xb[0], xb[1]),
+                                           meswitch_pack_half2(xb[2], xb[3]));
+                    }
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (uint32_t nt = 0; nt < TILES; ++nt) {
         if (nt < n_tiles) {
             const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + 2u * t;
             s_part[warp][g][b] = acc[nt][0];
@@ -207,37 +318,34 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
         float sum = 0.f;
 #pragma unroll
         for (uint32_t w = 0; w < MESWITCH_GEMV_WARPS; ++w) sum += s_part[w][m][b];
-        const uint32_t e = row_expert[b];
-        const bool has_expert = e < p.n_experts;
-        if (has_expert) {
-            // Salient residual: S[r, idx_i] at k columns, FP32 (k ~ 1% of in).
-            const MeswitchExpertDelta d = experts[e];
-            const uint32_t* sidx = reinterpret_cast<const uint32_t*>(d.salient_index);
-            const __half* sval = reinterpret_cast<const __half*>(d.salient_values) + (size_t)r * d.n_salient;
-            for (uint32_t i = 0; i < d.n_salient; ++i) {
-                sum += __half2float(sval[i]) * __half2float(x[(size_t)b * in + sidx[i]]);
-            }
-        }
         __half* dst = y + (size_t)b * out + r;
         if (WITH_BASE) {
             *dst = __float2half_rn(sum);
-        } else if (has_expert) {
+        } else if (row_expert[b] < p.n_experts) {
             *dst = __float2half_rn(__half2float(*dst) + sum);
         }
     }
 }
 
-// One extern "C" entry point per (bits, group) variant.
-#define MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base)                             \
-    extern "C" __global__ void __launch_bounds__(MESWITCH_GEMV_THREADS, 1)                       \
-        prefix##bits##_g##gname(const MeswitchGemvParams p) {                                   \
-        meswitch_gemv_core<bits, group, with_base>(p);                                          \
+// One extern "C" entry point per (bits, group, n-tiles) variant. At most 128
+// registers a thread (2 blocks of MESWITCH_GEMV_THREADS per SM); ptxas fails the
+// build on a spill (scripts/build_ptx.sh).
+#define MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, tiles)                      \
+    extern "C" __global__ void __launch_bounds__(MESWITCH_GEMV_THREADS, 2)                       \
+        prefix##bits##_g##gname##_t##tiles(const MeswitchGemvParams p) {                         \
+        meswitch_gemv_core<bits, group, with_base, tiles>(p);                                   \
     }
 
-#define MESWITCH_GEMV_ALL_GROUPS(prefix, bits, with_base)              \
-    MESWITCH_GEMV_ENTRY(prefix, bits, 32, MESWITCH_GROUP_32, with_base)   \
-    MESWITCH_GEMV_ENTRY(prefix, bits, 64, MESWITCH_GROUP_64, with_base)   \
-    MESWITCH_GEMV_ENTRY(prefix, bits, 128, MESWITCH_GROUP_128, with_base) \
-    MESWITCH_GEMV_ENTRY(prefix, bits, row, MESWITCH_GROUP_ROW, with_base)
+#define MESWITCH_GEMV_ALL_TILES(prefix, bits, gname, group, with_base) \
+    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 1)      \
+    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 2)      \
+    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 4)      \
+    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 8)
+
+#define MESWITCH_GEMV_ALL_GROUPS(prefix, bits, with_base)                 \
+    MESWITCH_GEMV_ALL_TILES(prefix, bits, 32, MESWITCH_GROUP_32, with_base)   \
+    MESWITCH_GEMV_ALL_TILES(prefix, bits, 64, MESWITCH_GROUP_64, with_base)   \
+    MESWITCH_GEMV_ALL_TILES(prefix, bits, 128, MESWITCH_GROUP_128, with_base) \
+    MESWITCH_GEMV_ALL_TILES(prefix, bits, row, MESWITCH_GROUP_ROW, with_base)
 
 #endif  // MESWITCH_GEMV_CORE_CUH

@@ -30,14 +30,14 @@ pub struct KernelModule {
 }
 
 /// Module of the fused decode GEMV (base + per-row expert delta); entry points
-/// `meswitch_multi_expert_gemv_b{1,2,4}_g{32,64,128,row}`.
+/// `meswitch_multi_expert_gemv_b{1,2,4}_g{32,64,128,row}_t{1,2,4,8}`.
 pub const MULTI_EXPERT_GEMV: KernelModule = KernelModule {
     name: "multi_expert_gemv",
     ptx: include_str!("../ptx/multi_expert_gemv.ptx"),
 };
 
 /// Module of the delta-only GEMV that adds into an existing FP16 y; entry
-/// points `meswitch_delta_gemv_b{1,2,4}_g{32,64,128,row}`.
+/// points `meswitch_delta_gemv_b{1,2,4}_g{32,64,128,row}_t{1,2,4,8}`.
 pub const DELTA_GEMV: KernelModule = KernelModule {
     name: "delta_gemv",
     ptx: include_str!("../ptx/delta_gemv.ptx"),
@@ -66,8 +66,9 @@ pub fn group_token(group_size: usize, in_features: usize) -> Option<&'static str
     }
 }
 
-/// Entry point of the fused GEMV for a delta of `bits` bits and the given
-/// group size, e.g. `meswitch_multi_expert_gemv_b4_g128`.
+/// Entry point family of the fused GEMV for a delta of `bits` bits and the
+/// given group size, e.g. `meswitch_multi_expert_gemv_b4_g128`; a launch
+/// names one member with [`gemv_entry_for_batch`].
 pub fn multi_expert_gemv_entry(bits: u32, group_size: usize, in_features: usize) -> Option<String> {
     gemv_entry(
         "meswitch_multi_expert_gemv_b",
@@ -92,6 +93,25 @@ fn gemv_entry(prefix: &str, bits: u32, group_size: usize, in_features: usize) ->
         return None;
     }
     group_token(group_size, in_features).map(|g| format!("{prefix}{bits}_g{g}"))
+}
+
+/// Mma n-tiles of the GEMV variant that serves a launch of `batch` rows:
+/// the smallest of 1, 2, 4, 8 with `tiles × MESWITCH_GEMV_BATCH_TILE ≥ batch`
+/// (`None` for 0 or more than `MESWITCH_MAX_BATCH` rows).
+pub fn gemv_batch_tiles(batch: usize) -> Option<u32> {
+    let tile = abi::MESWITCH_GEMV_BATCH_TILE as usize;
+    if batch == 0 || batch > abi::MESWITCH_MAX_BATCH as usize {
+        return None;
+    }
+    let needed = batch.div_ceil(tile) as u32;
+    Some(needed.next_power_of_two().min(abi::MESWITCH_GEMV_MAX_TILES))
+}
+
+/// The entry point of a GEMV variant (from [`multi_expert_gemv_entry`] or
+/// [`delta_gemv_entry`]) for a launch of `batch` rows, e.g.
+/// `meswitch_delta_gemv_b2_g128_t2` for 9 to 16 rows.
+pub fn gemv_entry_for_batch(entry: &str, batch: usize) -> Option<String> {
+    gemv_batch_tiles(batch).map(|t| format!("{entry}_t{t}"))
 }
 
 /// True when the GEMV kernels accept this input width: whole 128-column

@@ -4,8 +4,9 @@
 
 use meswitch_ptx::abi::*;
 use meswitch_ptx::{
-    delta_gemv_entry, dequantize_entry, dequantize_launch_dims, gemv_launch_dims,
-    gemv_supports_in_features, multi_expert_gemv_entry, MODULES,
+    delta_gemv_entry, dequantize_entry, dequantize_launch_dims, gemv_batch_tiles,
+    gemv_entry_for_batch, gemv_launch_dims, gemv_supports_in_features, multi_expert_gemv_entry,
+    MODULES,
 };
 use meswitch_reference::layout::{Bits, GROUP_SIZES};
 
@@ -59,10 +60,14 @@ fn every_entry_point_is_in_its_module() {
     let has_entry = |ptx: &str, entry: &str| ptx.contains(&format!(".entry {entry}("));
     for bits in [1, 2, 4] {
         for (group, in_features) in [(32, 4096), (64, 4096), (128, 4096), (4096, 4096)] {
-            let e = multi_expert_gemv_entry(bits, group, in_features).unwrap();
-            assert!(has_entry(module("multi_expert_gemv"), &e), "{e}");
-            let e = delta_gemv_entry(bits, group, in_features).unwrap();
-            assert!(has_entry(module("delta_gemv"), &e), "{e}");
+            for batch in [1, 8, 9, 16, 17, 32, 33, 64] {
+                let family = multi_expert_gemv_entry(bits, group, in_features).unwrap();
+                let e = gemv_entry_for_batch(&family, batch).unwrap();
+                assert!(has_entry(module("multi_expert_gemv"), &e), "{e}");
+                let family = delta_gemv_entry(bits, group, in_features).unwrap();
+                let e = gemv_entry_for_batch(&family, batch).unwrap();
+                assert!(has_entry(module("delta_gemv"), &e), "{e}");
+            }
         }
         let e = dequantize_entry(bits).unwrap();
         assert!(has_entry(module("dequantize"), &e), "{e}");
@@ -81,6 +86,21 @@ fn every_entry_point_is_in_its_module() {
 }
 
 #[test]
+fn batch_picks_the_smallest_tile_variant_that_holds_it() {
+    let tiles: Vec<Option<u32>> = [0, 1, 8, 9, 16, 17, 32, 33, 64, 65]
+        .into_iter()
+        .map(gemv_batch_tiles)
+        .collect();
+    let want = [None, Some(1), Some(1), Some(2), Some(2), Some(4), Some(4), Some(8), Some(8), None];
+    assert_eq!(tiles, want);
+    assert_eq!(
+        gemv_entry_for_batch("meswitch_delta_gemv_b2_g128", 12).as_deref(),
+        Some("meswitch_delta_gemv_b2_g128_t2")
+    );
+    assert_eq!(MESWITCH_GEMV_MAX_TILES * MESWITCH_GEMV_BATCH_TILE, MESWITCH_MAX_BATCH);
+}
+
+#[test]
 fn ptx_targets_compute_80() {
     for m in MODULES {
         assert!(m.ptx.contains(".target sm_80"), "{}", m.name);
@@ -96,7 +116,7 @@ fn launch_dims_cover_every_row() {
             blocks as usize * 16 >= out && (blocks as usize - 1) * 16 < out,
             "{out}"
         );
-        assert_eq!(threads, 128);
+        assert_eq!(threads, 32 * MESWITCH_GEMV_WARPS);
         assert_eq!(dequantize_launch_dims(out), Some((out as u32, 256)));
     }
     assert_eq!(gemv_launch_dims(0), None);
