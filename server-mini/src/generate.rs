@@ -66,7 +66,7 @@ pub struct Generation {
 /// Bytes of text held back while they could still be the start of a stop
 /// string or an incomplete UTF-8 sequence (the detokenizer renders a
 /// partial character as U+FFFD).
-fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
+pub(crate) fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
     let mut end = text.len();
     if text.ends_with('\u{FFFD}') {
         end = text.trim_end_matches('\u{FFFD}').len();

@@ -1,15 +1,28 @@
 //! The generation engine: continuous batching across experts with tiered
 //! expert residency, on its own thread, fed by [`Engine::submit`].
 //!
-//! Skeleton of the public API (server contract, issue 5); the loop lands
-//! next.
+//! - [`sequence`]: one request's prefill chunks, sampling, stop handling.
+//! - [`residency`]: expert tiers (disk → host → device), budgets, LRU.
+//! - [`worker`]: the engine thread's loop (admission, one forward per step)
+//!   and the loader thread.
+//!
+//! The engine thread owns the backend; other threads talk to it through a
+//! shared queue ([`Engine::submit`]), admin commands, and per-request event
+//! channels.
+
+mod residency;
+mod sequence;
+mod worker;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::generate::{Detokenize, StopReason};
-use crate::model::{Backend, ModelError};
+use crate::model::{Backend, ExpertParser, ModelError};
 use crate::sampling::SamplingParams;
+use residency::Residency;
+use worker::{Command, Pending, Shared, Worker};
 
 /// Engine limits and budgets.
 #[derive(Clone, Debug, PartialEq)]
@@ -202,53 +215,239 @@ pub struct EngineStats {
     pub failed_requests: u64,
 }
 
-/// Handle to the engine thread; clones share it.
+/// Handle to the engine thread; clones share it. The thread stops when the
+/// last clone is dropped or [`Engine::shutdown`] is called.
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<()>,
+    inner: Arc<Inner>,
 }
 
+struct Inner {
+    shared: Arc<Shared>,
+    config: EngineConfig,
+    vocab_size: usize,
+    has_router: bool,
+    parser: ExpertParser,
+    next_id: AtomicU64,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Inner {
+    fn stop(&self) {
+        self.shared.lock().shutting_down = true;
+        self.shared.wake.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            // A panicked thread has already marked the engine shut down.
+            let _ = t.join();
+        }
+    }
+}
+
+/// Longest Retry-After the engine suggests.
+const MAX_RETRY_AFTER_S: f64 = 60.0;
+
 impl Engine {
+    /// Registers `experts` (pinned ones must fit the device budget and are
+    /// loaded now; the others are loaded now while they fit without
+    /// eviction, the rest on demand) and starts the engine and loader
+    /// threads.
     pub fn start<B: Backend + Send + 'static>(
-        backend: B,
+        mut backend: B,
         detok: Box<dyn Detokenize + Send>,
         eos: Vec<u32>,
         experts: Vec<ExpertSource>,
         router: Option<Box<dyn Router<B>>>,
-        config: EngineConfig,
+        mut config: EngineConfig,
     ) -> Result<Engine, EngineError> {
-        let _ = (backend, detok, eos, experts, router, config);
+        if config.max_running == 0 || config.prefill_chunk == 0 || config.max_kv_tokens == 0 {
+            return Err(EngineError::Config(
+                "max_running, prefill_chunk and max_kv_tokens must be ≥ 1".to_string(),
+            ));
+        }
+        if let Some(model_limit) = backend.config().max_position_embeddings {
+            config.max_context = config.max_context.min(model_limit);
+        }
+        let parser = backend.expert_parser();
+        let mut residency = Residency::new(config.device_budget_bytes, config.host_budget_bytes);
+        for name in &config.pinned {
+            if !experts.iter().any(|e| &e.name == name) {
+                return Err(EngineError::UnknownExpert(name.clone()));
+            }
+        }
+        for src in &experts {
+            residency.register(src, config.pinned.contains(&src.name))?;
+        }
+        // Pinned first: they must fit; then the rest while they fit.
+        let pinned = experts.iter().filter(|e| config.pinned.contains(&e.name));
+        let others = experts.iter().filter(|e| !config.pinned.contains(&e.name));
+        for src in pinned.chain(others) {
+            residency.load_now(&src.name, &parser, &mut backend)?;
+        }
+
+        let shared = Arc::new(Shared::default());
+        {
+            // Visible to `submit` before the engine thread runs.
+            let mut st = shared.lock();
+            st.mean_request_s = 1.0;
+            st.experts = residency.statuses();
+        }
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
+        let loader = {
+            let (parser, shared) = (parser.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("meswitch-loader".to_string())
+                .spawn(move || worker::loader_thread(parser, jobs_rx, shared))
+                .map_err(|e| EngineError::Config(format!("cannot start a thread: {e}")))?
+        };
+        let inner = Inner {
+            shared: shared.clone(),
+            vocab_size: backend.config().vocab_size,
+            has_router: router.is_some(),
+            config: config.clone(),
+            parser,
+            next_id: AtomicU64::new(0),
+            threads: Mutex::new(vec![loader]),
+        };
+        // Built on its thread: the worker's caches (`B::Cache`) need not be
+        // `Send`.
+        let engine = std::thread::Builder::new()
+            .name("meswitch-engine".to_string())
+            .spawn(move || {
+                Worker::new(
+                    backend, detok, eos, router, config, shared, residency, jobs_tx,
+                )
+                .run()
+            })
+            .map_err(|e| EngineError::Config(format!("cannot start a thread: {e}")))?;
+        inner
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(engine);
         Ok(Engine {
-            inner: Arc::new(()),
+            inner: Arc::new(inner),
         })
     }
 
     /// Validates and queues a request; never blocks on generation.
     pub fn submit(&self, req: GenRequest) -> Result<RequestHandle, SubmitError> {
-        let _ = (&self.inner, req);
-        Err(SubmitError::ShuttingDown)
+        let inner = &self.inner;
+        if req.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        req.params
+            .validate()
+            .map_err(|e| SubmitError::InvalidParams(e.to_string()))?;
+        if req.params.max_tokens == 0 {
+            return Err(SubmitError::InvalidParams(
+                "max_tokens must be ≥ 1".to_string(),
+            ));
+        }
+        if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= inner.vocab_size) {
+            return Err(SubmitError::InvalidParams(format!(
+                "token id {t} is outside the vocabulary of {} tokens",
+                inner.vocab_size
+            )));
+        }
+        let limit = inner.config.max_context.min(inner.config.max_kv_tokens);
+        let tokens = req.prompt.len() + req.params.max_tokens;
+        if tokens > limit {
+            return Err(SubmitError::PromptTooLong { tokens, limit });
+        }
+        let mut st = inner.shared.lock();
+        if st.shutting_down {
+            return Err(SubmitError::ShuttingDown);
+        }
+        match &req.choice {
+            ExpertChoice::Named(name) if !st.experts.iter().any(|e| &e.name == name) => {
+                return Err(SubmitError::UnknownExpert(name.clone()));
+            }
+            ExpertChoice::Auto if !inner.has_router => {
+                return Err(SubmitError::UnknownExpert("auto".to_string()));
+            }
+            _ => {}
+        }
+        if st.queued >= inner.config.max_queued {
+            let wait = (st.queued as f64 * st.mean_request_s / inner.config.max_running as f64)
+                .ceil()
+                .clamp(1.0, MAX_RETRY_AFTER_S);
+            return Err(SubmitError::QueueFull {
+                retry_after_s: wait as u32,
+            });
+        }
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        st.incoming.push_back(Pending { req, events: tx });
+        st.queued += 1;
+        drop(st);
+        inner.shared.wake.notify_all();
+        Ok(RequestHandle { events: rx, id })
     }
 
     pub fn experts(&self) -> Vec<ExpertStatus> {
-        Vec::new()
+        self.inner.shared.lock().experts.clone()
     }
 
-    /// Admin: registers an expert (and loads it to the device if the budget
-    /// allows).
+    /// Admin: reads and checks an expert file (on the calling thread, so
+    /// a bad file is reported here), registers it on the host tier and
+    /// moves it to the device if that has room without evicting.
     pub fn load_expert(&self, src: ExpertSource) -> Result<(), EngineError> {
-        let _ = src;
-        Err(EngineError::ShuttingDown)
+        let expert = self
+            .inner
+            .parser
+            .open(&src.path)
+            .map_err(|e| EngineError::ExpertLoad {
+                name: src.name.clone(),
+                why: e.to_string(),
+            })?;
+        self.command(|reply| Command::Register {
+            src,
+            expert: Box::new(expert),
+            reply,
+        })
     }
 
     /// Admin: forgets an expert; an error while a running sequence uses it.
+    /// Queued requests for it end with [`Event::Error`].
     pub fn unload_expert(&self, name: &str) -> Result<(), EngineError> {
-        Err(EngineError::UnknownExpert(name.to_string()))
+        let name = name.to_string();
+        self.command(|reply| Command::Unregister { name, reply })
+    }
+
+    fn command(
+        &self,
+        make: impl FnOnce(std::sync::mpsc::Sender<Result<(), EngineError>>) -> Command,
+    ) -> Result<(), EngineError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut st = self.inner.shared.lock();
+            if st.shutting_down {
+                return Err(EngineError::ShuttingDown);
+            }
+            st.commands.push_back(make(tx));
+        }
+        self.inner.shared.wake.notify_all();
+        // The engine thread drops the command (and `tx`) if it stops first.
+        rx.recv().unwrap_or(Err(EngineError::ShuttingDown))
     }
 
     pub fn stats(&self) -> EngineStats {
-        EngineStats::default()
+        let st = self.inner.shared.lock();
+        let mut stats = st.stats.clone();
+        stats.queued = st.queued;
+        stats
     }
 
-    /// Stops accepting requests, ends the running ones and joins the thread.
-    pub fn shutdown(&self) {}
+    /// Stops accepting requests, ends queued and running ones with
+    /// [`Event::Error`] and joins the threads.
+    pub fn shutdown(&self) {
+        self.inner.stop();
+    }
 }

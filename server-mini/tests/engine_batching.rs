@@ -1,0 +1,321 @@
+//! Continuous batching must not change outputs: requests of mixed experts
+//! (and none, and routed), prompts of many lengths, prefilled in chunks and
+//! decoded together, give exactly what `generate` gives each alone. Plus
+//! admission limits, cancellation and request validation.
+
+mod engine_support;
+
+use std::collections::BTreeMap;
+
+use engine_support::{collect, family, next_event, Family, Outcome};
+use meswitch_server::engine::{
+    Engine, EngineConfig, Event, ExpertChoice, GenRequest, RouteDecision, Router, SubmitError,
+};
+use meswitch_server::generate::{generate, Generation};
+use meswitch_server::model::{Backend, CpuBackend, ExpertId};
+use meswitch_server::sampling::SamplingParams;
+use rand::{Rng, SeedableRng};
+
+/// Sends prompts whose first token is even to expert e1, odd ones to the
+/// base: a stand-in for the hidden-state router with a known answer.
+struct ParityRouter;
+
+impl Router<CpuBackend> for ParityRouter {
+    fn route(&self, _: &CpuBackend, prompt: &[u32]) -> Result<RouteDecision, String> {
+        let even = prompt[0] % 2 == 0;
+        Ok(RouteDecision {
+            expert: even.then(|| "e1".to_string()),
+            domain: if even { "even" } else { "odd" }.to_string(),
+            confidence: 0.9,
+        })
+    }
+}
+
+fn routed(prompt: &[u32]) -> Option<String> {
+    (prompt[0] % 2 == 0).then(|| "e1".to_string())
+}
+
+/// A mixed set of requests: base, named experts, auto; greedy and seeded
+/// sampling; with and without stop strings; prompts of 1 to 40 tokens.
+fn requests(vocab: u32, n_experts: usize) -> Vec<GenRequest> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    (0..14)
+        .map(|i| {
+            let len = [1, 3, 7, 12, 23, 40][i % 6];
+            let prompt = (0..len).map(|_| rng.random_range(0..vocab)).collect();
+            let choice = match i % 4 {
+                0 => ExpertChoice::Base,
+                3 if i > 4 => ExpertChoice::Auto,
+                _ => ExpertChoice::Named(format!("e{}", i % n_experts)),
+            };
+            let mut params = SamplingParams {
+                max_tokens: 6 + (i * 5) % 17,
+                ..Default::default()
+            };
+            if i % 5 == 4 {
+                params.temperature = 0.8;
+                params.top_k = 40;
+                params.repetition_penalty = 1.1;
+                params.seed = i as u64;
+            }
+            GenRequest {
+                prompt,
+                choice,
+                params,
+            }
+        })
+        .collect()
+}
+
+/// Each request alone through `generate` on a backend with every expert.
+fn sequential(fam: &Family, reqs: &[GenRequest], eos: &[u32]) -> Vec<(Option<String>, Generation)> {
+    let model = fam.model();
+    let mut backend = model.backend;
+    let ids: BTreeMap<String, ExpertId> = fam
+        .experts
+        .iter()
+        .map(|e| (e.name.clone(), backend.load_expert(&e.path).unwrap()))
+        .collect();
+    reqs.iter()
+        .map(|r| {
+            let expert = match &r.choice {
+                ExpertChoice::Base => None,
+                ExpertChoice::Named(n) => Some(n.clone()),
+                ExpertChoice::Auto => routed(&r.prompt),
+            };
+            let id = expert.as_ref().map(|n| ids[n]);
+            let mut streamed = String::new();
+            let g = generate(
+                &backend,
+                &model.tokenizer,
+                eos,
+                &r.prompt,
+                id,
+                r.params.clone(),
+                |t| streamed.push_str(t),
+            )
+            .unwrap();
+            assert_eq!(streamed, g.text);
+            (expert, g)
+        })
+        .collect()
+}
+
+fn engine(fam: &Family, eos: &[u32], config: EngineConfig) -> Engine {
+    let model = fam.model();
+    Engine::start(
+        model.backend,
+        Box::new(model.tokenizer),
+        eos.to_vec(),
+        fam.experts.clone(),
+        Some(Box::new(ParityRouter)),
+        config,
+    )
+    .unwrap()
+}
+
+/// Gives every third request a stop string its own output contains, and a
+/// stop string that never occurs to another.
+fn add_stops(reqs: &mut [GenRequest], outputs: &[(Option<String>, Generation)]) {
+    for (i, (r, (_, g))) in reqs.iter_mut().zip(outputs).enumerate() {
+        let chars: Vec<char> = g.text.chars().collect();
+        if i % 3 == 1 && chars.len() >= 4 {
+            let at = chars.len() / 2;
+            r.params.stop = vec![chars[at..at + 2].iter().collect()];
+        } else if i % 3 == 2 {
+            r.params.stop = vec!["\u{1F600}never".to_string()];
+        }
+    }
+}
+
+#[test]
+fn batched_equals_sequential_for_any_prefill_chunk() {
+    let fam = family(3, 21);
+    let vocab = fam.model().backend.config().vocab_size as u32;
+    let mut reqs = requests(vocab, 3);
+    // An eos id that request 3 (greedy, no stop string) meets.
+    let plain = sequential(&fam, &reqs, &[]);
+    let eos = vec![plain[3].1.ids[plain[3].1.ids.len() / 2]];
+    let plain = sequential(&fam, &reqs, &eos);
+    add_stops(&mut reqs, &plain);
+    let want = sequential(&fam, &reqs, &eos);
+    let stops_seen: Vec<_> = want.iter().map(|(_, g)| g.stop).collect();
+    for reason in [
+        meswitch_server::generate::StopReason::Eos,
+        meswitch_server::generate::StopReason::StopString,
+        meswitch_server::generate::StopReason::MaxTokens,
+    ] {
+        assert!(
+            stops_seen.contains(&reason),
+            "no request ends by {reason:?}: {stops_seen:?}"
+        );
+    }
+    for chunk in [1, 5, 64] {
+        let config = EngineConfig {
+            max_running: 5,
+            prefill_chunk: chunk,
+            ..Default::default()
+        };
+        let engine = engine(&fam, &eos, config);
+        let mut handles: Vec<_> = reqs
+            .iter()
+            .map(|r| engine.submit(r.clone()).unwrap())
+            .collect();
+        let got: Vec<Outcome> = handles.iter_mut().map(collect).collect();
+        for (i, ((expert, g), o)) in want.iter().zip(&got).enumerate() {
+            let ctx = format!("request {i} (chunk {chunk}): {:?}", reqs[i].choice);
+            assert_eq!(o.error, None, "{ctx}");
+            assert_eq!(&o.expert, expert, "{ctx}");
+            assert_eq!(o.text, g.text, "{ctx}");
+            assert_eq!(o.stop, Some(g.stop), "{ctx}");
+            assert_eq!(o.completion_tokens, g.ids.len(), "{ctx}");
+            assert_eq!(o.prompt_tokens, reqs[i].prompt.len(), "{ctx}");
+            assert_eq!(
+                o.route.is_some(),
+                reqs[i].choice == ExpertChoice::Auto,
+                "{ctx}"
+            );
+        }
+        let stats = engine.stats();
+        assert_eq!(stats.finished_requests, reqs.len() as u64);
+        assert_eq!(stats.running, 0);
+        assert_eq!(stats.kv_tokens, 0);
+        let total: usize = want.iter().map(|(_, g)| g.ids.len()).sum();
+        assert_eq!(stats.generated_tokens, total as u64);
+        engine.shutdown();
+    }
+}
+
+fn long_request(choice: ExpertChoice, max_tokens: usize) -> GenRequest {
+    GenRequest {
+        prompt: vec![3, 4, 5],
+        choice,
+        params: SamplingParams {
+            max_tokens,
+            ..Default::default()
+        },
+    }
+}
+
+#[test]
+fn a_full_queue_refuses_with_a_retry_hint() {
+    let fam = family(1, 5);
+    let config = EngineConfig {
+        max_running: 1,
+        max_queued: 2,
+        ..Default::default()
+    };
+    let engine = engine(&fam, &[], config);
+    let results: Vec<_> = (0..5)
+        .map(|_| engine.submit(long_request(ExpertChoice::Base, 1500)))
+        .collect();
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    assert!(
+        accepted <= 3,
+        "1 running + 2 queued at most, got {accepted}"
+    );
+    let full: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(!full.is_empty());
+    for e in full {
+        let SubmitError::QueueFull { retry_after_s } = e else {
+            panic!("expected QueueFull, got {e:?}");
+        };
+        assert!(*retry_after_s >= 1);
+    }
+    engine.shutdown();
+    assert_eq!(
+        engine
+            .submit(long_request(ExpertChoice::Base, 1))
+            .unwrap_err(),
+        SubmitError::ShuttingDown
+    );
+}
+
+#[test]
+fn a_dropped_receiver_frees_its_slot_and_kv() {
+    let fam = family(1, 5);
+    let config = EngineConfig {
+        max_running: 1,
+        max_kv_tokens: 2000,
+        ..Default::default()
+    };
+    let engine = engine(&fam, &[], config);
+    let mut a = engine
+        .submit(long_request(ExpertChoice::Named("e0".into()), 1900))
+        .unwrap();
+    assert!(matches!(next_event(&mut a), Some(Event::Started { .. })));
+    // The slot and the whole KV budget are A's; B waits until A is gone.
+    let mut b = engine.submit(long_request(ExpertChoice::Base, 10)).unwrap();
+    drop(a);
+    let out = collect(&mut b);
+    assert_eq!(out.error, None);
+    assert_eq!(out.completion_tokens, 10);
+    let stats = engine.stats();
+    assert_eq!(stats.finished_requests, 1, "A was cancelled, not finished");
+    assert!(stats.generated_tokens < 1900, "A stopped early: {stats:?}");
+    assert_eq!((stats.running, stats.kv_tokens, stats.queued), (0, 0, 0));
+    let e0 = engine
+        .experts()
+        .into_iter()
+        .find(|e| e.name == "e0")
+        .unwrap();
+    assert_eq!(e0.in_use, 0);
+}
+
+#[test]
+fn bad_requests_are_refused_at_submit() {
+    let fam = family(1, 5);
+    let config = EngineConfig {
+        max_context: 100,
+        ..Default::default()
+    };
+    let model = fam.model();
+    let vocab = model.backend.config().vocab_size as u32;
+    let engine = Engine::start(
+        model.backend,
+        Box::new(model.tokenizer),
+        vec![],
+        fam.experts.clone(),
+        None,
+        config,
+    )
+    .unwrap();
+    let ok = long_request(ExpertChoice::Base, 10);
+    let with = |f: &dyn Fn(&mut GenRequest)| {
+        let mut r = ok.clone();
+        f(&mut r);
+        engine.submit(r).unwrap_err()
+    };
+    assert_eq!(
+        with(&|r| r.choice = ExpertChoice::Named("nope".into())),
+        SubmitError::UnknownExpert("nope".into())
+    );
+    assert_eq!(
+        with(&|r| r.choice = ExpertChoice::Auto),
+        SubmitError::UnknownExpert("auto".into()),
+        "no router configured"
+    );
+    assert_eq!(with(&|r| r.prompt.clear()), SubmitError::EmptyPrompt);
+    assert_eq!(
+        with(&|r| r.params.max_tokens = 98),
+        SubmitError::PromptTooLong {
+            tokens: 101,
+            limit: 100
+        }
+    );
+    assert!(matches!(
+        with(&|r| r.params.temperature = -1.0),
+        SubmitError::InvalidParams(_)
+    ));
+    assert!(matches!(
+        with(&|r| r.params.max_tokens = 0),
+        SubmitError::InvalidParams(_)
+    ));
+    assert!(matches!(
+        with(&|r| r.prompt.push(vocab)),
+        SubmitError::InvalidParams(_)
+    ));
+    // The engine still serves.
+    let out = collect(&mut engine.submit(ok.clone()).unwrap());
+    assert_eq!(out.completion_tokens, 10);
+}
