@@ -10,7 +10,7 @@ use clap::Parser;
 use super::Run;
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::generate::generate;
-use crate::model::{load::is_gguf, load_cpu, LoadedModel};
+use crate::model::{load_cpu, LoadedModel};
 use crate::sampling::SamplingParams;
 
 /// Generate text from a prompt (CPU).
@@ -87,13 +87,8 @@ pub fn load_with_expert(
 }
 
 fn chat_template(model: &Path) -> anyhow::Result<ChatTemplate> {
-    let t = if is_gguf(model) {
-        let f = crate::gguf::GgufFile::open(model)?;
-        ChatTemplate::from_gguf(&f)?
-    } else {
-        ChatTemplate::from_tokenizer_config(&model.join("tokenizer_config.json"))?
-    };
-    t.ok_or_else(|| anyhow::anyhow!("{} has no chat template (drop --chat)", model.display()))
+    crate::server::prompt::chat_template_for(model)?
+        .ok_or_else(|| anyhow::anyhow!("{} has no chat template (drop --chat)", model.display()))
 }
 
 impl Run for GenerateArgs {
@@ -106,15 +101,11 @@ impl Run for GenerateArgs {
             self.prompt.clone()
         };
         let (m, expert) = load_with_expert(&self.model, self.expert.as_deref())?;
-        let mut ids = m.tokenizer.encode(&prompt, true)?;
-        if m.tokenizer.add_bos() && self.chat {
-            // Chat templates write the BOS text themselves.
-            if let (Some(b), [first, second, ..]) = (m.tokenizer.bos_id(), ids.as_slice()) {
-                if *first == b && *second == b {
-                    ids.remove(0);
-                }
-            }
-        }
+        let ids = if self.chat {
+            crate::server::prompt::encode_chat(&m.tokenizer, &prompt).map_err(anyhow::Error::msg)?
+        } else {
+            m.tokenizer.encode(&prompt, true)?
+        };
         let mut out = std::io::stdout().lock();
         let start = std::time::Instant::now();
         let g = generate(
