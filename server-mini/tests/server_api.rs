@@ -255,7 +255,7 @@ async fn auto_routes_by_domain_and_reports_confidence() {
 
     // Without a router `auto` is a 400.
     let s = start(Setup {
-        router: false,
+        router: RouterKind::None,
         ..Setup::default()
     })
     .await;
@@ -612,5 +612,52 @@ async fn admin_load_and_unload_need_the_token_and_stay_in_the_models_folder() {
             .status,
         404
     );
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_with_the_trained_hidden_state_router() {
+    // The shipped path: the demo's HiddenRouter trained on the demo's labelled queries.
+    let s = start(Setup {
+        router: RouterKind::DemoHidden,
+        ..Setup::default()
+    })
+    .await;
+    let fam = family();
+    let expert_of = |domain: &str| {
+        fam.domains
+            .iter()
+            .find(|(_, d)| d == domain)
+            .map(|(e, _)| e.clone())
+    };
+    let mut right = 0;
+    for q in &fam.train {
+        let r = post(
+            s.addr,
+            "/v1/chat/completions",
+            &chat_body("auto", &q.text, r#","max_tokens":1"#),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let domain = r.header("x-meswitch-route-domain").unwrap().to_string();
+        let conf: f32 = r
+            .header("x-meswitch-route-confidence")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((0.0..=1.0).contains(&conf));
+        let expert = r.header("x-meswitch-expert").unwrap();
+        // Confident → the domain's expert; unsure (under the 0.5 threshold) → the base.
+        let want = if conf >= 0.5 {
+            expert_of(&domain).unwrap()
+        } else {
+            BASE_NAME.to_string()
+        };
+        assert_eq!(expert, want, "{}", q.text);
+        right += usize::from(domain == q.domain);
+    }
+    let accuracy = right as f64 / fam.train.len() as f64;
+    println!("demo router, training queries routed to their domain: {accuracy:.3}");
+    assert!(accuracy >= 0.8, "training accuracy {accuracy}");
     s.shutdown().await;
 }

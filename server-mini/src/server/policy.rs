@@ -11,14 +11,32 @@
 
 use std::collections::BTreeMap;
 
+use crate::chat::ChatMessage;
 use crate::engine::{RouteDecision, Router};
-use crate::model::Backend;
+use crate::model::{Backend, CpuBackend};
+use crate::router::hidden::{HiddenRouter, HiddenRouterSettings, Pooling, PROMPT_CHAT};
+use crate::router::softmax::TrainConfig;
+use crate::server::demo::DemoFamily;
+use crate::server::prompt::{chat_template_for, encode_chat};
+use crate::server::serving::ServeError;
+use crate::tokenizer::Tokenizer;
 
 /// A classifier of a prompt's domain, run on the engine thread with the backend.
 pub trait DomainClassifier<B: Backend>: Send {
     /// Class names, in the order of [`DomainClassifier::probabilities`].
     fn domains(&self) -> &[String];
     fn probabilities(&self, backend: &B, prompt: &[u32]) -> Result<Vec<f32>, String>;
+}
+
+impl<B: Backend> DomainClassifier<B> for HiddenRouter {
+    fn domains(&self) -> &[String] {
+        HiddenRouter::domains(self)
+    }
+    fn probabilities(&self, backend: &B, prompt: &[u32]) -> Result<Vec<f32>, String> {
+        self.classify(backend, prompt)
+            .map(|c| c.probabilities)
+            .map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -62,10 +80,82 @@ impl<B: Backend, C: DomainClassifier<B>> Router<B> for RoutingPolicy<C> {
     }
 }
 
+/// The `auto` policy from a router file trained by `meswitch router train`.
+pub fn load_router_file(
+    path: &std::path::Path,
+    domain_to_expert: BTreeMap<String, Option<String>>,
+    threshold: f32,
+    default: Option<String>,
+) -> Result<Box<dyn Router<CpuBackend>>, ServeError> {
+    let classifier = HiddenRouter::load(path)
+        .map_err(|e| ServeError::Router(format!("{}: {e}", path.display())))?;
+    if let Some(unknown) = domain_to_expert
+        .keys()
+        .find(|d| !classifier.domains().contains(d))
+    {
+        return Err(ServeError::Router(format!(
+            "--domains names {unknown:?}, which is not one of the router's domains ({})",
+            classifier.domains().join(", ")
+        )));
+    }
+    Ok(Box::new(RoutingPolicy {
+        classifier,
+        domain_to_expert,
+        threshold,
+        default,
+    }))
+}
+
+/// Hidden state after this many decoder layers feeds the demo router
+/// (the tiny demo model has 2; after the first keeps most of the token identity).
+const DEMO_ROUTER_LAYER: usize = 1;
+/// Prompt tokens the demo router reads (its templated prompts are ~60 byte tokens).
+const DEMO_ROUTER_MAX_TOKENS: usize = 128;
+
+/// Trains the demo's hidden-state router on its labelled queries (each
+/// wrapped in the chat template, as the server routes them) and maps each
+/// domain to its expert; low-confidence queries go to the base model.
+pub fn train_demo_router(
+    backend: &CpuBackend,
+    tokenizer: &Tokenizer,
+    family: &DemoFamily,
+    threshold: f32,
+) -> Result<Option<Box<dyn Router<CpuBackend>>>, ServeError> {
+    let template = chat_template_for(&family.base)
+        .map_err(|e| ServeError::Router(e.to_string()))?
+        .ok_or_else(|| ServeError::Router("the demo base has no chat template".into()))?;
+    let tokenize = |text: &str| -> Result<Vec<u32>, String> {
+        let rendered = template
+            .render(&[ChatMessage::new("user", text)], true)
+            .map_err(|e| e.to_string())?;
+        encode_chat(tokenizer, &rendered)
+    };
+    let layer = DEMO_ROUTER_LAYER.min(backend.config().num_layers);
+    let settings = HiddenRouterSettings {
+        layer,
+        pooling: Pooling::Mean,
+        max_tokens: DEMO_ROUTER_MAX_TOKENS,
+        prompt_format: PROMPT_CHAT.to_string(),
+        train: TrainConfig::default(),
+    };
+    let classifier = HiddenRouter::train(backend, &tokenize, &family.train, &settings)
+        .map_err(|e| ServeError::Router(e.to_string()))?;
+    let domain_to_expert = family
+        .domains
+        .iter()
+        .map(|(expert, domain)| (domain.clone(), Some(expert.clone())))
+        .collect();
+    Ok(Some(Box::new(RoutingPolicy {
+        classifier,
+        domain_to_expert,
+        threshold,
+        default: None,
+    })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::CpuBackend;
 
     /// Picks the class by the first token id (mod classes), with a fixed confidence.
     struct FirstToken {
@@ -136,31 +226,4 @@ mod tests {
             (Some("e-default"), "math")
         );
     }
-}
-
-/// The `auto` policy from a router file trained by `meswitch router train`.
-pub fn load_router_file(
-    path: &std::path::Path,
-    domain_to_expert: BTreeMap<String, Option<String>>,
-    threshold: f32,
-    default: Option<String>,
-) -> Result<Box<dyn Router<crate::model::CpuBackend>>, crate::server::serving::ServeError> {
-    let _ = (domain_to_expert, threshold, default);
-    Err(crate::server::serving::ServeError::Router(format!(
-        "{}: the hidden-state router is not in this build yet",
-        path.display()
-    )))
-}
-
-/// Trains the demo's hidden-state router on its labelled queries and maps
-/// each domain to its expert. `None` until the hidden-state router lands
-/// (the demo then serves without `auto`).
-pub fn train_demo_router(
-    backend: &crate::model::CpuBackend,
-    tokenizer: &crate::tokenizer::Tokenizer,
-    family: &crate::server::demo::DemoFamily,
-    threshold: f32,
-) -> Result<Option<Box<dyn Router<crate::model::CpuBackend>>>, crate::server::serving::ServeError> {
-    let _ = (backend, tokenizer, family, threshold);
-    Ok(None)
 }

@@ -154,28 +154,6 @@ pub fn parse_domains(
     Ok(map)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn domain_spec_parses_and_rejects_duplicates() {
-        let m = parse_domains("math=algebra, math=geometry,base=chat", "mistral").unwrap();
-        assert_eq!(m["algebra"].as_deref(), Some("math"));
-        assert_eq!(m["geometry"].as_deref(), Some("math"));
-        assert_eq!(m["chat"], None);
-        assert!(parse_domains("a=x,b=x", "m").is_err());
-        assert!(parse_domains("novalue", "m").is_err());
-        assert!(parse_domains("=x", "m").is_err());
-    }
-
-    #[test]
-    fn expert_names_come_from_file_stems() {
-        let e = experts_from_files(&[PathBuf::from("/m/math.safetensors")]);
-        assert_eq!(e[0].name, "math");
-    }
-}
-
 /// Parses a byte size: `60GiB`, `512MiB`, `1.5GB`, `4096` (bytes). Binary
 /// (`KiB`, `MiB`, `GiB`, `TiB`) and decimal (`KB`, `MB`, `GB`, `TB`) units.
 pub fn parse_bytes(s: &str) -> Result<u64, ServeError> {
@@ -213,8 +191,25 @@ pub fn parse_bytes(s: &str) -> Result<u64, ServeError> {
 }
 
 #[cfg(test)]
-mod byte_tests {
-    use super::parse_bytes;
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_spec_parses_and_rejects_duplicates() {
+        let m = parse_domains("math=algebra, math=geometry,base=chat", "mistral").unwrap();
+        assert_eq!(m["algebra"].as_deref(), Some("math"));
+        assert_eq!(m["geometry"].as_deref(), Some("math"));
+        assert_eq!(m["chat"], None);
+        assert!(parse_domains("a=x,b=x", "m").is_err());
+        assert!(parse_domains("novalue", "m").is_err());
+        assert!(parse_domains("=x", "m").is_err());
+    }
+
+    #[test]
+    fn expert_names_come_from_file_stems() {
+        let e = experts_from_files(&[PathBuf::from("/m/math.safetensors")]);
+        assert_eq!(e[0].name, "math");
+    }
 
     #[test]
     fn byte_sizes_parse() {

@@ -12,7 +12,7 @@ use meswitch_server::engine::{EngineConfig, ExpertSource, Router};
 use meswitch_server::model::CpuBackend;
 use meswitch_server::server::admin::AdminConfig;
 use meswitch_server::server::demo::{build_demo_family, DemoFamily, DEMO_DOMAINS};
-use meswitch_server::server::policy::{DomainClassifier, RoutingPolicy};
+use meswitch_server::server::policy::{train_demo_router, DomainClassifier, RoutingPolicy};
 use meswitch_server::server::serving::{build_state, ServeConfig};
 use meswitch_server::server::{Limits, RunningServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,7 +92,17 @@ pub struct Setup {
     pub engine: EngineConfig,
     pub limits: Limits,
     pub admin: Option<AdminConfig>,
-    pub router: bool,
+    pub router: RouterKind,
+}
+
+/// Which classifier `auto` uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterKind {
+    None,
+    /// The keyword stand-in (deterministic routes).
+    Keyword,
+    /// The demo's HiddenRouter, trained at start (the shipped path).
+    DemoHidden,
 }
 
 impl Default for Setup {
@@ -113,7 +123,7 @@ impl Default for Setup {
                 default_max_tokens: 16,
             },
             admin: None,
-            router: true,
+            router: RouterKind::Keyword,
         }
     }
 }
@@ -133,7 +143,11 @@ pub async fn start(setup: Setup) -> RunningServer {
     let state = tokio::task::spawn_blocking(move || {
         build_state(
             cfg,
-            Box::new(move |_, _| Ok(router.then(|| keyword_router(0.5)))),
+            Box::new(move |backend, tokenizer| match router {
+                RouterKind::None => Ok(None),
+                RouterKind::Keyword => Ok(Some(keyword_router(0.5))),
+                RouterKind::DemoHidden => train_demo_router(backend, tokenizer, family(), 0.5),
+            }),
         )
     })
     .await
