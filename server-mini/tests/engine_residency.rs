@@ -137,7 +137,39 @@ fn pinned_experts_over_budget_are_refused_at_start() {
         None,
         config,
     );
-    assert!(matches!(r, Err(EngineError::Config(_))));
+    let Err(EngineError::ExpertLoad { name, .. }) = r else {
+        panic!("two pinned experts in a one-expert budget must be refused");
+    };
+    assert_eq!(name, "e1");
+}
+
+#[test]
+fn host_tier_keeps_the_most_recent_evictions_within_its_budget() {
+    let fam = family(3, 3);
+    let config = EngineConfig {
+        device_budget_bytes: budget_for(&fam, 1),
+        host_budget_bytes: budget_for(&fam, 1),
+        ..Default::default()
+    };
+    let engine = start(&fam, fam.experts.clone(), config);
+    run(&engine, "e1"); // e0 falls to the host
+    run(&engine, "e2"); // e0 leaves the host for e2's read, then e1 falls there
+    let t = tiers(&engine);
+    assert_eq!(
+        t,
+        vec![
+            ("e0".to_string(), Tier::Disk),
+            ("e1".to_string(), Tier::Host),
+            ("e2".to_string(), Tier::Device)
+        ]
+    );
+    let s = engine.stats();
+    assert_eq!(
+        (s.host_loads, s.host_evictions, s.expert_evictions),
+        (3, 1, 2)
+    );
+    run(&engine, "e1"); // back from the host, no read
+    assert_eq!(engine.stats().host_loads, 3);
 }
 
 /// With room for one expert, B (e1) waits while A uses e0; e1 is read to

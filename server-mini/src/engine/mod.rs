@@ -281,13 +281,14 @@ impl Engine {
                 return Err(EngineError::UnknownExpert(name.clone()));
             }
         }
-        for src in &experts {
-            residency.register(src, config.pinned.contains(&src.name))?;
-        }
         // Pinned first: they must fit; then the rest while they fit.
         let pinned = experts.iter().filter(|e| config.pinned.contains(&e.name));
         let others = experts.iter().filter(|e| !config.pinned.contains(&e.name));
-        for src in pinned.chain(others) {
+        let ordered: Vec<&ExpertSource> = pinned.chain(others).collect();
+        for src in &ordered {
+            residency.register(src, config.pinned.contains(&src.name))?;
+        }
+        for src in &ordered {
             residency.load_now(&src.name, &parser, &mut backend)?;
         }
 

@@ -91,8 +91,9 @@ impl Residency {
         }
     }
 
-    /// Adds an expert on the disk tier. An expert larger than the device
-    /// budget could never serve, so it is refused here.
+    /// Adds an expert on the disk tier. An expert that does not fit the
+    /// device budget next to the pinned experts could never serve, so it is
+    /// refused here (register pinned experts first).
     pub fn register(&mut self, src: &ExpertSource, pinned: bool) -> Result<(), EngineError> {
         if self.entries.contains_key(&src.name) {
             return Err(EngineError::DuplicateExpert(src.name.clone()));
@@ -104,9 +105,16 @@ impl Residency {
         let bytes = std::fs::metadata(&src.path)
             .map_err(|e| load_error(format!("{}: {e}", src.path.display())))?
             .len();
-        if bytes > self.device_budget {
+        let pinned_bytes: u64 = self
+            .entries
+            .values()
+            .filter(|e| e.pinned)
+            .map(|e| e.bytes)
+            .sum();
+        if bytes + pinned_bytes > self.device_budget {
             return Err(load_error(format!(
-                "{bytes} bytes do not fit the device budget of {} bytes",
+                "{bytes} bytes do not fit the device budget of {} bytes \
+                 next to {pinned_bytes} bytes of pinned experts",
                 self.device_budget
             )));
         }
@@ -218,12 +226,24 @@ impl Residency {
     }
 
     /// Disk → Loading: the read the loader thread is to do, or `None` when
-    /// the expert is not on disk (already loading or loaded) or unknown.
+    /// the expert is not on disk (already loading or loaded), unknown, or
+    /// the host tier has no room for it now. Room: what is on the host or
+    /// being read plus this expert fits the host budget, or nothing is
+    /// being read (so one read always proceeds, even over budget).
     pub fn start_load(&mut self, name: &str) -> Option<LoadJob> {
-        let e = self.entries.get_mut(name)?;
+        let e = self.entries.get(name)?;
         if !matches!(e.place, Place::Disk) {
             return None;
         }
+        let loading: Vec<u64> = (self.entries.values())
+            .filter(|e| matches!(e.place, Place::Loading))
+            .map(|e| e.bytes)
+            .collect();
+        let reserved = self.bytes_in(Tier::Host) + loading.iter().sum::<u64>();
+        if !loading.is_empty() && reserved + e.bytes > self.host_budget {
+            return None;
+        }
+        let e = self.entries.get_mut(name).expect("looked up above");
         e.place = Place::Loading;
         Some(LoadJob {
             name: name.to_string(),
