@@ -13,6 +13,7 @@ mod decompress;
 mod generate;
 mod inspect;
 mod perplexity;
+mod router;
 mod serve;
 mod synth;
 mod tokenize;
@@ -50,6 +51,7 @@ pub const SUBCOMMANDS: &[Subcommand] = &[
     Subcommand::of::<tokenize::TokenizeArgs>(),
     Subcommand::of::<generate::GenerateArgs>(),
     Subcommand::of::<perplexity::PerplexityArgs>(),
+    Subcommand::of::<router::RouterArgs>(),
     Subcommand::of::<serve::ServeArgs>(),
 ];
 
