@@ -7,9 +7,15 @@
 //! - [`tfidf`]: character n-gram TF-IDF, the cheap baseline a router on the
 //!   base model's hidden states has to beat to be worth its cost.
 //! - [`metrics`]: accuracy and confusion matrix.
+//! - [`hidden`]: the router on the base model's hidden states
+//!   ([`hidden::HiddenRouter`]), its file ([`hidden_file`]) and the layer /
+//!   pooling sweep that chose its defaults ([`hidden_sweep`]).
 
 pub mod dataset;
 pub mod features;
+pub mod hidden;
+pub mod hidden_file;
+pub mod hidden_sweep;
 pub mod metrics;
 pub mod softmax;
 pub mod tfidf;

@@ -1,0 +1,359 @@
+//! `meswitch router train | eval | sweep`: the domain router on the base
+//! model's hidden states (CPU), and the TF-IDF baseline it has to beat.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use super::Run;
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::model::load::is_gguf;
+use crate::model::{load_cpu, Backend, LoadedModel};
+use crate::router::dataset::{label_indices, read_jsonl, LabelledQuery};
+use crate::router::hidden::{
+    HiddenRouter, HiddenRouterSettings, Pooling, Tokenize, DEFAULT_L2, DEFAULT_MAX_TOKENS,
+    PROMPT_CHAT, PROMPT_RAW,
+};
+use crate::router::hidden_sweep::{labels_in, sweep, SweepSetup};
+use crate::router::metrics::Confusion;
+use crate::router::softmax::{SoftmaxClassifier, TrainConfig};
+use crate::router::tfidf::{TfidfConfig, TfidfVectorizer};
+
+/// Domain router on the base model's hidden states (train, evaluate, choose a layer).
+#[derive(Parser, Debug)]
+#[command(name = "router")]
+pub struct RouterArgs {
+    #[command(subcommand)]
+    command: RouterCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum RouterCommand {
+    Train(TrainArgs),
+    Eval(EvalArgs),
+    Sweep(SweepArgs),
+}
+
+/// Trains a router on labelled queries (JSON Lines {"text","domain"}) and writes it.
+#[derive(Parser, Debug)]
+struct TrainArgs {
+    /// Base model: a .gguf file or an HF checkpoint folder.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Hidden state after this decoder layer (0-based; n_layers = after the
+    /// final norm). Default: the measured choice (HiddenRouterSettings::for_model).
+    #[arg(long)]
+    layer: Option<usize>,
+    /// mean | last | mean+last
+    #[arg(long, default_value = "mean", value_parser = parse_pooling)]
+    pooling: Pooling,
+    /// Prompt tokens run at most (bounds routing latency).
+    #[arg(long, default_value_t = DEFAULT_MAX_TOKENS)]
+    max_tokens: usize,
+    /// Train on the bare text instead of the chat-templated prompt the server routes.
+    #[arg(long)]
+    raw: bool,
+    #[command(flatten)]
+    fit: FitArgs,
+}
+
+/// Classifier training knobs.
+#[derive(clap::Args, Debug)]
+struct FitArgs {
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    /// L2 penalty on the classifier weights.
+    #[arg(long, default_value_t = DEFAULT_L2)]
+    l2: f32,
+}
+
+impl FitArgs {
+    fn config(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            l2: self.l2,
+            ..TrainConfig::default()
+        }
+    }
+}
+
+/// Scores a router on labelled queries: accuracy, confusion, latency per query.
+#[derive(Parser, Debug)]
+struct EvalArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    router: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// Also train the char 2–5-gram TF-IDF baseline on this file and score it on --data.
+    #[arg(long)]
+    baseline_train: Option<PathBuf>,
+}
+
+/// Dev accuracy for each layer × pooling (one pass of the model per query).
+#[derive(Parser, Debug)]
+struct SweepArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    train: PathBuf,
+    #[arg(long)]
+    dev: PathBuf,
+    /// Comma-separated layers (n_layers = after the final norm).
+    #[arg(long, value_delimiter = ',', default_values_t = [3, 7, 11, 15, 19, 23, 27, 30])]
+    layers: Vec<usize>,
+    #[arg(long, default_value_t = DEFAULT_MAX_TOKENS)]
+    max_tokens: usize,
+    #[arg(long)]
+    raw: bool,
+    /// Use only every n-th query of each split (a quick look).
+    #[arg(long, default_value_t = 1)]
+    every: usize,
+    #[command(flatten)]
+    fit: FitArgs,
+}
+
+fn parse_pooling(s: &str) -> Result<Pooling, String> {
+    Pooling::parse(s).ok_or_else(|| format!("unknown pooling {s:?} (mean, last, mean+last)"))
+}
+
+impl Run for RouterArgs {
+    fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            RouterCommand::Train(a) => a.run(),
+            RouterCommand::Eval(a) => a.run(),
+            RouterCommand::Sweep(a) => a.run(),
+        }
+    }
+}
+
+/// How a query's text becomes the router's tokens: the chat-templated
+/// prompt (what the server routes) or the bare text.
+fn tokenizer_for<'m>(
+    model: &Path,
+    m: &'m LoadedModel,
+    format: &str,
+) -> anyhow::Result<Box<Tokenize<'m>>> {
+    if format == PROMPT_RAW {
+        return Ok(Box::new(|text: &str| {
+            m.tokenizer.encode(text, false).map_err(|e| e.to_string())
+        }));
+    }
+    anyhow::ensure!(format == PROMPT_CHAT, "unknown prompt format {format:?}");
+    let template = if is_gguf(model) {
+        ChatTemplate::from_gguf(&crate::gguf::GgufFile::open(model)?)?
+    } else {
+        ChatTemplate::from_tokenizer_config(&model.join("tokenizer_config.json"))?
+    }
+    .ok_or_else(|| anyhow::anyhow!("{} has no chat template (use --raw)", model.display()))?;
+    Ok(Box::new(move |text: &str| {
+        let prompt = template
+            .render(&[ChatMessage::new("user", text)], true)
+            .map_err(|e| e.to_string())?;
+        let mut ids = m
+            .tokenizer
+            .encode(&prompt, true)
+            .map_err(|e| e.to_string())?;
+        // Chat templates write the BOS text themselves (as `meswitch generate --chat`).
+        if let (true, Some(b), [first, second, ..]) =
+            (m.tokenizer.add_bos(), m.tokenizer.bos_id(), ids.as_slice())
+        {
+            if *first == b && *second == b {
+                ids.remove(0);
+            }
+        }
+        Ok(ids)
+    }))
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<LabelledQuery>> {
+    Ok(read_jsonl(path)?)
+}
+
+fn prompt_format(raw: bool) -> &'static str {
+    if raw {
+        PROMPT_RAW
+    } else {
+        PROMPT_CHAT
+    }
+}
+
+impl TrainArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let data = read(&self.data)?;
+        let m =
+            load_cpu(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        let format = prompt_format(self.raw);
+        let tokenize = tokenizer_for(&self.model, &m, format)?;
+        let defaults = HiddenRouterSettings::for_model(m.backend.config().num_layers, format);
+        let settings = HiddenRouterSettings {
+            layer: self.layer.unwrap_or(defaults.layer),
+            pooling: self.pooling,
+            max_tokens: self.max_tokens,
+            prompt_format: format.to_string(),
+            train: self.fit.config(),
+        };
+        let bar = super::progress_bar(data.len() as u64);
+        let started = Instant::now();
+        let router = HiddenRouter::train_with_progress(
+            &m.backend,
+            &*tokenize,
+            &data,
+            &settings,
+            &mut |i| bar.set_position(i as u64),
+        )?;
+        bar.finish_and_clear();
+        let took = started.elapsed();
+        router.save(&self.output)?;
+        println!(
+            "trained on {} queries ({} domains), layer {}, {} pooling, ≤{} {} tokens: {:.1} s ({:.1} ms/query); wrote {}",
+            data.len(),
+            router.domains().len(),
+            settings.layer,
+            self.pooling.name(),
+            self.max_tokens,
+            format,
+            took.as_secs_f64(),
+            ms(took) / data.len() as f64,
+            self.output.display()
+        );
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl EvalArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let data = read(&self.data)?;
+        let router = HiddenRouter::load(&self.router)?;
+        let m =
+            load_cpu(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        router.spec().check(&m.backend)?;
+        let tokenize = tokenizer_for(&self.model, &m, &router.spec().prompt_format)?;
+        let classes = router.domains().to_vec();
+        let truth = labels_in(&classes, &data)?;
+        let bar = super::progress_bar(data.len() as u64);
+        let mut predicted = Vec::with_capacity(data.len());
+        let mut routing = Duration::ZERO;
+        for (i, q) in data.iter().enumerate() {
+            // Latency = tokenizing + the model's layers + pooling + classifier.
+            let started = Instant::now();
+            let tokens = tokenize(&q.text).map_err(|e| anyhow::anyhow!("query {i}: {e}"))?;
+            predicted.push(router.classify(&m.backend, &tokens)?.domain);
+            routing += started.elapsed();
+            bar.set_position(i as u64 + 1);
+        }
+        bar.finish_and_clear();
+        let confusion = Confusion::new(&classes, &truth, &predicted);
+        let s = router.spec();
+        println!(
+            "hidden-state router: layer {} of {}, {} pooling, ≤{} {} tokens",
+            s.layer,
+            s.n_layers,
+            s.pooling.name(),
+            s.max_tokens,
+            s.prompt_format
+        );
+        println!("accuracy: {:.4}", confusion.accuracy());
+        println!(
+            "latency per query: {:.2} ms (CPU, {} queries)",
+            ms(routing) / data.len() as f64,
+            data.len()
+        );
+        println!("{}", confusion.table());
+        if let Some(path) = &self.baseline_train {
+            baseline(path, &data)?;
+        }
+        Ok(())
+    }
+}
+
+/// Char 2–5-gram TF-IDF + logistic regression, trained on `train_path`,
+/// scored on `data`.
+fn baseline(train_path: &Path, data: &[LabelledQuery]) -> anyhow::Result<()> {
+    let train = read(train_path)?;
+    let (classes, y) = label_indices(&train);
+    let started = Instant::now();
+    let texts: Vec<&str> = train.iter().map(|q| q.text.as_str()).collect();
+    let vectorizer = TfidfVectorizer::fit(&texts, TfidfConfig::default());
+    let x: Vec<_> = texts.iter().map(|t| vectorizer.transform(t)).collect();
+    let model =
+        SoftmaxClassifier::train(&classes, vectorizer.dim(), &x, &y, &TrainConfig::default());
+    let trained = started.elapsed();
+    let truth = labels_in(&classes, data)?;
+    let started = Instant::now();
+    let predicted: Vec<usize> = data
+        .iter()
+        .map(|q| model.predict(&vectorizer.transform(&q.text)).0)
+        .collect();
+    let per_query = ms(started.elapsed()) / data.len() as f64;
+    let confusion = Confusion::new(&classes, &truth, &predicted);
+    println!(
+        "baseline (char 2-5-gram TF-IDF + logistic regression, trained on {}: {} features, {:.1} s)",
+        train_path.display(),
+        vectorizer.dim(),
+        trained.as_secs_f64()
+    );
+    println!("baseline accuracy: {:.4}", confusion.accuracy());
+    println!("baseline latency per query: {per_query:.3} ms (CPU)");
+    println!("{}", confusion.table());
+    Ok(())
+}
+
+impl SweepArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let every = |v: Vec<LabelledQuery>| -> Vec<LabelledQuery> {
+            v.into_iter().step_by(self.every.max(1)).collect()
+        };
+        let train = every(read(&self.train)?);
+        let dev = every(read(&self.dev)?);
+        let m =
+            load_cpu(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        let format = prompt_format(self.raw);
+        let tokenize = tokenizer_for(&self.model, &m, format)?;
+        let bar = super::progress_bar((train.len() + dev.len()) as u64);
+        let started = Instant::now();
+        let rows = sweep(
+            &m.backend,
+            &*tokenize,
+            &train,
+            &dev,
+            &SweepSetup {
+                layers: self.layers.clone(),
+                max_tokens: self.max_tokens,
+                prompt_format: format.to_string(),
+                train: self.fit.config(),
+            },
+            &mut |i, _| bar.set_position(i as u64),
+        )?;
+        bar.finish_and_clear();
+        println!(
+            "{} train / {} dev queries, ≤{} {} tokens, {:.0} s",
+            train.len(),
+            dev.len(),
+            self.max_tokens,
+            format,
+            started.elapsed().as_secs_f64()
+        );
+        println!(
+            "| layer | {} |",
+            Pooling::ALL.map(Pooling::name).join(" | ")
+        );
+        println!("|---|{}", "---|".repeat(Pooling::ALL.len()));
+        for chunk in rows.chunks(Pooling::ALL.len()) {
+            let accs: Vec<String> = chunk.iter().map(|r| format!("{:.4}", r.accuracy)).collect();
+            println!("| {} | {} |", chunk[0].layer, accs.join(" | "));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,150 @@
+//! Choosing the router's layer and pooling: hidden states of every query at
+//! several layers from one pass of the base model
+//! ([`CpuBackend::hidden_states_at`]), then one classifier per
+//! (layer, pooling), scored on a held-out split.
+
+use super::dataset::LabelledQuery;
+use super::hidden::{tokenize_all, FeatureSpec, HiddenRouter, Pooling, RouterError, Tokenize};
+use super::metrics::Confusion;
+use super::softmax::TrainConfig;
+use crate::model::{Backend, CpuBackend};
+
+/// `[mean, last]` pooled features of each query at each layer:
+/// `features[query][layer index]`, each `2·hidden` long.
+pub struct LayerFeatures {
+    pub layers: Vec<usize>,
+    pub features: Vec<Vec<Vec<f32>>>,
+}
+
+impl LayerFeatures {
+    /// The features of one (layer index, pooling), cut from the `[mean, last]` pair.
+    pub fn select(&self, layer_index: usize, pooling: Pooling, hidden: usize) -> Vec<Vec<f32>> {
+        self.features
+            .iter()
+            .map(|q| {
+                let both = &q[layer_index];
+                match pooling {
+                    Pooling::Mean => both[..hidden].to_vec(),
+                    Pooling::Last => both[hidden..].to_vec(),
+                    Pooling::MeanLast => both.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Pooled features of `prompts` at `layers`, cut as `spec` cuts them (its
+/// layer and pooling are ignored).
+pub fn layer_features(
+    backend: &CpuBackend,
+    spec: &FeatureSpec,
+    prompts: &[Vec<u32>],
+    layers: &[usize],
+    progress: &mut dyn FnMut(usize),
+) -> Result<LayerFeatures, RouterError> {
+    let mut features = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let t = spec.tokens_to_run(p);
+        if t.is_empty() {
+            return Err(RouterError::EmptyPrompt);
+        }
+        let hs = backend.hidden_states_at(t, layers)?;
+        let pool = |h: &Vec<f32>| Pooling::MeanLast.pool(h, spec.hidden_size);
+        features.push(hs.iter().map(pool).collect());
+        progress(i + 1);
+    }
+    Ok(LayerFeatures {
+        layers: layers.to_vec(),
+        features,
+    })
+}
+
+/// What a sweep tries.
+pub struct SweepSetup {
+    pub layers: Vec<usize>,
+    pub max_tokens: usize,
+    pub prompt_format: String,
+    pub train: TrainConfig,
+}
+
+pub struct SweepResult {
+    pub layer: usize,
+    pub pooling: Pooling,
+    pub accuracy: f64,
+}
+
+/// Trains on `train`, scores `dev`, for every layer in `layers` × every
+/// pooling; `progress(done, total)` counts queries through the model.
+pub fn sweep(
+    backend: &CpuBackend,
+    tokenize: &Tokenize<'_>,
+    train: &[LabelledQuery],
+    dev: &[LabelledQuery],
+    setup: &SweepSetup,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<SweepResult>, RouterError> {
+    let (layers, config) = (&setup.layers, &setup.train);
+    let c = backend.config();
+    let train_tokens = tokenize_all(tokenize, train)?;
+    let dev_tokens = tokenize_all(tokenize, dev)?;
+    let spec = FeatureSpec {
+        layer: 0,
+        pooling: Pooling::MeanLast,
+        max_tokens: setup.max_tokens,
+        hidden_size: c.hidden_size,
+        n_layers: c.num_layers,
+        shared_prefix: super::hidden::shared_prefix(&train_tokens),
+        prompt_format: setup.prompt_format.clone(),
+    };
+    let total = train.len() + dev.len();
+    let x_train = layer_features(backend, &spec, &train_tokens, layers, &mut |i| {
+        progress(i, total)
+    })?;
+    let x_dev = layer_features(backend, &spec, &dev_tokens, layers, &mut |i| {
+        progress(train.len() + i, total)
+    })?;
+    let (classes, y_train) = super::dataset::label_indices(train);
+    let y_dev = labels_in(&classes, dev)?;
+    let mut out = Vec::new();
+    for (li, &layer) in layers.iter().enumerate() {
+        for pooling in Pooling::ALL {
+            let spec = FeatureSpec {
+                layer,
+                pooling,
+                ..spec.clone()
+            };
+            let router = HiddenRouter::fit(
+                spec,
+                classes.clone(),
+                &x_train.select(li, pooling, c.hidden_size),
+                &y_train,
+                config,
+            )?;
+            let predicted: Vec<usize> = x_dev
+                .select(li, pooling, c.hidden_size)
+                .iter()
+                .map(|x| router.classify_features(x).domain)
+                .collect();
+            out.push(SweepResult {
+                layer,
+                pooling,
+                accuracy: Confusion::new(&classes, &y_dev, &predicted).accuracy(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Each query's index into `classes`; a domain missing from them is an error.
+pub fn labels_in(classes: &[String], data: &[LabelledQuery]) -> Result<Vec<usize>, RouterError> {
+    data.iter()
+        .map(|q| {
+            classes.iter().position(|c| c == &q.domain).ok_or_else(|| {
+                RouterError::Training(format!(
+                    "domain {:?} is not one of the router's {:?}",
+                    q.domain, classes
+                ))
+            })
+        })
+        .collect()
+}
