@@ -445,6 +445,39 @@ async fn a_client_leaving_mid_stream_frees_its_slot() {
         ),
         Some(1.0)
     );
+
+    // Not streaming: the client hangs up while the whole reply is being generated.
+    let before = s.state.engine.stats().generated_tokens;
+    let body = body.replace(r#""stream":true"#, r#""stream":false"#);
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(&request("POST", "/v1/completions", &[], body.as_bytes()))
+        .await
+        .unwrap();
+    let admitted = Instant::now();
+    while s.state.engine.stats().running == 0 {
+        assert!(
+            admitted.elapsed() < Duration::from_secs(10),
+            "never admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(c);
+    let left = Instant::now();
+    while s.state.engine.stats().running > 0 {
+        assert!(left.elapsed() < Duration::from_secs(10), "slot still held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let generated = s.state.engine.stats().generated_tokens - before;
+    println!("non-streaming request cancelled after {generated} of {max_tokens} tokens");
+    assert!(generated < max_tokens as u64, "ran to the end: {generated}");
+    let m = get(s.addr, "/metrics").await.text();
+    assert_eq!(
+        metric(
+            &m,
+            "meswitch_client_disconnects_total{endpoint=\"/v1/completions\"}"
+        ),
+        Some(2.0)
+    );
     assert_eq!(metric(&m, "meswitch_running_sequences"), Some(0.0));
     s.shutdown().await;
 }

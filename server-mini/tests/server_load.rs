@@ -2,11 +2,12 @@
 //! mixed experts (every expert, the base and `auto`), streaming and not.
 //! Every request must succeed; prints throughput and latency percentiles.
 //!
-//! Short by default (CI): `MESWITCH_LOAD_SECS` (default 3) and
-//! `MESWITCH_LOAD_CLIENTS` (default 64) set the run, e.g. the full one:
+//! Short by default (CI): `MESWITCH_LOAD_SECS` (default 3),
+//! `MESWITCH_LOAD_CLIENTS` (default 64) and `MESWITCH_TEST_EXPERTS` (4 to 16,
+//! default 4) set the run, e.g. the full one:
 //!
 //! ```text
-//! MESWITCH_LOAD_SECS=60 cargo test --release -p meswitch-server --test server_load -- --nocapture
+//! MESWITCH_LOAD_SECS=60 MESWITCH_TEST_EXPERTS=16 cargo test -p meswitch-server --test server_load -- --nocapture
 //! ```
 
 mod server_support;
@@ -115,7 +116,7 @@ async fn client(
         let k = id * 7919 + n;
         let model = &models[k % models.len()];
         let stream = (k / models.len()) % 2 == 0;
-        let topic = topics[k % TEST_EXPERTS].1[k % 6];
+        let topic = topics[k % family().domains.len()].1[k % 6];
         // 8..=39 new tokens: a mix of short and longer generations.
         let max_tokens = 8 + (k * 13) % 32;
         let body = serde_json::json!({
@@ -179,9 +180,10 @@ async fn concurrent_clients_mixed_experts_zero_failures() {
     all.ttfts.sort();
     let n = all.latencies.len();
     println!(
-        "load: {clients} clients, {secs} s requested, {wall:.1} s wall; {n} requests OK, {} failed; \
+        "load: {} experts + base + auto; {clients} clients, {secs} s requested, {wall:.1} s wall; {n} requests OK, {} failed; \
          {:.1} req/s, {:.0} generated tokens/s; latency p50 {:.1} ms p99 {:.1} ms; \
          streaming time to first content p50 {:.1} ms p99 {:.1} ms",
+        family().experts.len(),
         all.failures.len(),
         n as f64 / wall,
         all.completion_tokens as f64 / wall,

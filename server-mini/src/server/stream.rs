@@ -10,7 +10,9 @@
 //!
 //! The SSE body owns the engine's event receiver: when the client goes away
 //! hyper drops the body, the receiver closes, and the engine frees the slot
-//! at its next step.
+//! at its next step. (Not streaming, hyper drops the handler's future on a
+//! closed connection, with the same effect.) [`Accounting`] dropped before the
+//! end counts a disconnect.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -48,6 +50,9 @@ pub struct Accounting {
     pub model: String,
     pub prompt_tokens: usize,
     last_text: Option<Instant>,
+    /// The request reached its end (done or failed); dropped before that,
+    /// the client went away.
+    settled: bool,
 }
 
 impl Accounting {
@@ -66,6 +71,7 @@ impl Accounting {
             model,
             prompt_tokens,
             last_text: None,
+            settled: false,
         }
     }
 
@@ -79,7 +85,8 @@ impl Accounting {
         self.last_text = Some(now);
     }
 
-    pub fn on_done(&self, completion_tokens: usize) {
+    pub fn on_done(&mut self, completion_tokens: usize) {
+        self.settled = true;
         self.metrics
             .completion_tokens
             .add(&[&self.model], completion_tokens as u64);
@@ -88,10 +95,19 @@ impl Accounting {
             .observe(self.arrived.elapsed());
     }
 
-    pub fn on_disconnect(&self) {
-        self.metrics
-            .disconnects
-            .add(&[endpoint_path(self.endpoint)], 1);
+    /// The request failed on the engine's side (not a disconnect).
+    pub fn on_failed(&mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.metrics
+                .disconnects
+                .add(&[endpoint_path(self.endpoint)], 1);
+        }
     }
 }
 
@@ -135,10 +151,14 @@ pub async fn collect(
                 });
             }
             Some(Event::Error(e)) => {
-                return Err(ApiError::internal(format!("generation failed: {e}")))
+                acct.on_failed();
+                return Err(ApiError::internal(format!("generation failed: {e}")));
             }
             Some(Event::Started { .. }) => {}
-            None => return Err(ApiError::internal("the engine dropped the request")),
+            None => {
+                acct.on_failed();
+                return Err(ApiError::internal("the engine dropped the request"));
+            }
         }
     }
 }
@@ -225,10 +245,12 @@ impl Body for SseBody {
                     this.end(sse_event(&c.to_string()))
                 }
                 Some(Event::Error(e)) => {
+                    this.acct.on_failed();
                     let err = ApiError::internal(format!("generation failed: {e}"));
                     this.end(sse_event(&err.body_json()))
                 }
                 None => {
+                    this.acct.on_failed();
                     let err = ApiError::internal("the engine dropped the request");
                     this.end(sse_event(&err.body_json()))
                 }
@@ -239,14 +261,6 @@ impl Body for SseBody {
 
     fn is_end_stream(&self) -> bool {
         self.finished && self.opening.is_none()
-    }
-}
-
-impl Drop for SseBody {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.acct.on_disconnect();
-        }
     }
 }
 

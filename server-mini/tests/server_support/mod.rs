@@ -18,15 +18,22 @@ use meswitch_server::server::{Limits, RunningServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Experts in the test family (fewer than the demo's 16: faster to build).
-pub const TEST_EXPERTS: usize = 4;
+/// Experts in the test family: `MESWITCH_TEST_EXPERTS` (4 to 16), default 4
+/// (fewer than the demo's 16: faster to build).
+pub fn test_experts() -> usize {
+    std::env::var("MESWITCH_TEST_EXPERTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4usize)
+        .clamp(4, DEMO_DOMAINS.len())
+}
 
 pub fn family() -> &'static DemoFamily {
     static FAMILY: OnceLock<(tempfile::TempDir, DemoFamily)> = OnceLock::new();
     &FAMILY
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
-            let f = build_demo_family(dir.path(), TEST_EXPERTS, |_| {}).unwrap();
+            let f = build_demo_family(dir.path(), test_experts(), |_| {}).unwrap();
             (dir, f)
         })
         .1
