@@ -1,9 +1,9 @@
 //! The generation engine: continuous batching across experts with tiered
 //! expert residency, on its own thread, fed by [`Engine::submit`].
 //!
-//! - [`sequence`]: one request's prefill chunks, sampling, stop handling.
-//! - [`residency`]: expert tiers (disk → host → device), budgets, LRU.
-//! - [`worker`]: the engine thread's loop (admission, one forward per step)
+//! - `sequence`: one request's prefill chunks, sampling, stop handling.
+//! - `residency`: expert tiers (disk → host → device), budgets, LRU.
+//! - `worker`: the engine thread's loop (admission, one forward per step)
 //!   and the loader thread.
 //!
 //! The engine thread owns the backend; other threads talk to it through a

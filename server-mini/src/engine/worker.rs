@@ -279,6 +279,10 @@ impl<B: Backend> Worker<B> {
 
     /// Decides who serves a new request and starts reading its expert.
     fn intake(&mut self, p: Pending) {
+        if p.events.is_closed() {
+            self.dequeued(1);
+            return;
+        }
         let (expert, route) = match &p.req.choice {
             ExpertChoice::Base => (None, None),
             ExpertChoice::Named(name) => (Some(name.clone()), None),
@@ -335,13 +339,11 @@ impl<B: Backend> Worker<B> {
     /// slot, KV room or device room (first come, first served for
     /// capacity); skips one whose expert is still being read.
     fn admit(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|w| !w.pending.events.is_closed());
+        self.dequeued(before - self.waiting.len());
         let mut i = 0;
         while i < self.waiting.len() {
-            if self.waiting[i].pending.events.is_closed() {
-                self.waiting.remove(i);
-                self.dequeued(1);
-                continue;
-            }
             if self.running.len() >= self.config.max_running {
                 break;
             }

@@ -26,11 +26,15 @@ impl Family {
     }
 }
 
-/// Base + `n` experts, each compressed to one INT2 expert file.
+/// Tiny base + `n` experts, each compressed to one INT2 expert file.
 pub fn family(n: usize, seed: u64) -> Family {
+    family_of("tiny", n, seed)
+}
+
+pub fn family_of(shape: &str, n: usize, seed: u64) -> Family {
     let dir = tempfile::tempdir().unwrap();
     let settings = SynthSettings {
-        shape: SynthShape::named("tiny").unwrap(),
+        shape: SynthShape::named(shape).unwrap(),
         experts: n,
         seed,
         dtype: FloatDtype::F16,

@@ -1,0 +1,80 @@
+//! Decode throughput of the engine on CPU with continuous batching against
+//! one request at a time, on the "small" synthetic family (32 requests over
+//! 4 experts and the base). A measurement, not a check: `#[ignore]`d, run
+//! with
+//! `cargo test --release -p meswitch-server --test engine_throughput -- --ignored --nocapture`.
+
+mod engine_support;
+
+use std::time::Instant;
+
+use engine_support::{collect, family_of};
+use meswitch_server::engine::{Engine, EngineConfig, ExpertChoice, GenRequest};
+use meswitch_server::sampling::SamplingParams;
+
+const REQUESTS: usize = 32;
+const PROMPT_TOKENS: usize = 32;
+const MAX_TOKENS: usize = 64;
+
+fn run(fam: &engine_support::Family, max_running: usize) -> (f64, usize, u64) {
+    let model = fam.model();
+    let config = EngineConfig {
+        max_running,
+        ..Default::default()
+    };
+    let engine = Engine::start(
+        model.backend,
+        Box::new(model.tokenizer),
+        vec![],
+        fam.experts.clone(),
+        None,
+        config,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut handles: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let choice = match i % 5 {
+                4 => ExpertChoice::Base,
+                e => ExpertChoice::Named(format!("e{e}")),
+            };
+            let prompt = (0..PROMPT_TOKENS)
+                .map(|t| ((i * 31 + t * 7) % 500) as u32)
+                .collect();
+            let params = SamplingParams {
+                max_tokens: MAX_TOKENS,
+                ..Default::default()
+            };
+            engine
+                .submit(GenRequest {
+                    prompt,
+                    choice,
+                    params,
+                })
+                .unwrap()
+        })
+        .collect();
+    let tokens: usize = handles
+        .iter_mut()
+        .map(|h| collect(h).completion_tokens)
+        .sum();
+    (
+        started.elapsed().as_secs_f64(),
+        tokens,
+        engine.stats().steps,
+    )
+}
+
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn batched_decode_throughput() {
+    let fam = family_of("small", 4, 1);
+    for max_running in [1, 8, 32] {
+        let (secs, tokens, steps) = run(&fam, max_running);
+        println!(
+            "max_running {max_running:>2}: {tokens} tokens in {secs:.2} s = {:.0} tokens/s, {steps} steps, {:.1} ms/step",
+            tokens as f64 / secs,
+            secs * 1e3 / steps as f64
+        );
+    }
+}
