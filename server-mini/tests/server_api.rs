@@ -692,5 +692,34 @@ async fn auto_with_the_trained_hidden_state_router() {
     let accuracy = right as f64 / fam.train.len() as f64;
     println!("demo router, training queries routed to their domain: {accuracy:.3}");
     assert!(accuracy >= 0.9, "training accuracy {accuracy}");
+    let probe = chat_body("auto", &fam.train[0].text, r#","max_tokens":1"#);
+    let first = post(s.addr, "/v1/chat/completions", &probe).await;
+    s.shutdown().await;
+
+    // The next start loads the router the first one saved instead of retraining.
+    let saved = std::fs::metadata(&fam.router_file)
+        .unwrap()
+        .modified()
+        .unwrap();
+    let s = start(Setup {
+        router: RouterKind::DemoHidden,
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(
+        std::fs::metadata(&fam.router_file)
+            .unwrap()
+            .modified()
+            .unwrap(),
+        saved
+    );
+    let again = post(s.addr, "/v1/chat/completions", &probe).await;
+    for h in [
+        "x-meswitch-route-domain",
+        "x-meswitch-route-confidence",
+        "x-meswitch-expert",
+    ] {
+        assert_eq!(again.header(h), first.header(h), "{h}");
+    }
     s.shutdown().await;
 }

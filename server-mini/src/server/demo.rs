@@ -9,6 +9,7 @@
 //!   CACHE/demo-v1/family/base/          synthetic base (HF folder)
 //!   CACHE/demo-v1/compressed/expert-NN.safetensors
 //!   CACHE/demo-v1/router-train.jsonl    {"text", "domain"} per line
+//!   CACHE/demo-v1/router.safetensors    the router trained on it (first start)
 //!   CACHE/demo-v1/demo.json             written last: the build is complete
 //! ```
 
@@ -252,6 +253,8 @@ pub struct DemoFamily {
     /// (expert name, domain), one per expert.
     pub domains: Vec<(String, String)>,
     pub train: Vec<LabelledQuery>,
+    /// Where the router trained on `train` is kept between runs.
+    pub router_file: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -305,6 +308,7 @@ fn family_at(dir: &Path, experts: usize) -> DemoFamily {
             .map(|(n, (d, _))| (n.clone(), d.to_string()))
             .collect(),
         train: demo_queries(experts),
+        router_file: dir.join("router.safetensors"),
     }
 }
 

@@ -116,31 +116,53 @@ const DEMO_ROUTER_LAYER: usize = 0;
 /// near the end.
 const DEMO_ROUTER_MAX_TOKENS: usize = 128;
 
-/// Trains the demo's hidden-state router on its labelled queries (each
-/// wrapped in the chat template, as the server routes them) and maps each
-/// domain to its expert; low-confidence queries go to the base model.
+/// The demo's hidden-state router: loaded from the demo cache when an earlier
+/// start trained it on the same queries, else trained on the demo's labelled
+/// queries (each wrapped in the chat template, as the server routes them) and
+/// saved there. Each domain maps to its expert; low-confidence queries go to
+/// the base model.
 pub fn train_demo_router(
     backend: &CpuBackend,
     tokenizer: &Tokenizer,
     family: &DemoFamily,
     threshold: f32,
 ) -> Result<Option<Box<dyn Router<CpuBackend>>>, ServeError> {
-    let template = chat_template_for(&family.base)
-        .map_err(|e| ServeError::Router(e.to_string()))?
-        .ok_or_else(|| ServeError::Router("the demo base has no chat template".into()))?;
-    let tokenize = |text: &str| -> Result<Vec<u32>, String> {
-        let rendered = template
-            .render(&[ChatMessage::new("user", text)], true)
-            .map_err(|e| e.to_string())?;
-        encode_chat(tokenizer, &rendered)
+    let mut domains: Vec<String> = family.train.iter().map(|q| q.domain.clone()).collect();
+    domains.sort();
+    domains.dedup();
+    let layer = DEMO_ROUTER_LAYER.min(backend.config().num_layers);
+    let cached = HiddenRouter::load(&family.router_file).ok().filter(|r| {
+        let mut have = r.domains().to_vec();
+        have.sort();
+        let spec = r.spec();
+        have == domains
+            && spec.check(backend).is_ok()
+            && (spec.layer, spec.max_tokens) == (layer, DEMO_ROUTER_MAX_TOKENS)
+    });
+    let classifier = match cached {
+        Some(r) => r,
+        None => {
+            let template = chat_template_for(&family.base)
+                .map_err(|e| ServeError::Router(e.to_string()))?
+                .ok_or_else(|| ServeError::Router("the demo base has no chat template".into()))?;
+            let tokenize = |text: &str| -> Result<Vec<u32>, String> {
+                let rendered = template
+                    .render(&[ChatMessage::new("user", text)], true)
+                    .map_err(|e| e.to_string())?;
+                encode_chat(tokenizer, &rendered)
+            };
+            let settings = HiddenRouterSettings {
+                max_tokens: DEMO_ROUTER_MAX_TOKENS,
+                layer,
+                ..HiddenRouterSettings::for_model(backend.config().num_layers, PROMPT_CHAT)
+            };
+            let r = HiddenRouter::train(backend, &tokenize, &family.train, &settings)
+                .map_err(|e| ServeError::Router(e.to_string()))?;
+            // A cache that cannot be written only costs the next start a retraining.
+            let _ = r.save(&family.router_file);
+            r
+        }
     };
-    let settings = HiddenRouterSettings {
-        max_tokens: DEMO_ROUTER_MAX_TOKENS,
-        layer: DEMO_ROUTER_LAYER.min(backend.config().num_layers),
-        ..HiddenRouterSettings::for_model(backend.config().num_layers, PROMPT_CHAT)
-    };
-    let classifier = HiddenRouter::train(backend, &tokenize, &family.train, &settings)
-        .map_err(|e| ServeError::Router(e.to_string()))?;
     let domain_to_expert = family
         .domains
         .iter()
