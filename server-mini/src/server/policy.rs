@@ -130,7 +130,7 @@ pub fn train_demo_router(
     let mut domains: Vec<String> = family.train.iter().map(|q| q.domain.clone()).collect();
     domains.sort();
     domains.dedup();
-    let layer = DEMO_ROUTER_LAYER.min(backend.config().num_layers);
+    let layer = DEMO_ROUTER_LAYER;
     let cached = HiddenRouter::load(&family.router_file).ok().filter(|r| {
         let mut have = r.domains().to_vec();
         have.sort();
