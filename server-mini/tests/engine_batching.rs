@@ -319,3 +319,57 @@ fn bad_requests_are_refused_at_submit() {
     let out = collect(&mut engine.submit(ok.clone()).unwrap());
     assert_eq!(out.completion_tokens, 10);
 }
+
+/// A sequence whose step fails (here: the backend's own context limit,
+/// set below the engine's) ends with an error; the others in its batch
+/// go on and give what they give alone.
+#[test]
+fn a_failing_sequence_does_not_disturb_its_batch() {
+    let fam = family(1, 5);
+    let model = fam.model();
+    let mut backend = model.backend;
+    backend.set_max_context(40);
+    let reference = {
+        let r = long_request(ExpertChoice::Base, 20);
+        generate(
+            &backend,
+            &model.tokenizer,
+            &[],
+            &r.prompt,
+            None,
+            r.params,
+            |_| {},
+        )
+        .unwrap()
+    };
+    let engine = Engine::start(
+        backend,
+        Box::new(model.tokenizer),
+        vec![],
+        fam.experts.clone(),
+        None,
+        EngineConfig::default(),
+    )
+    .unwrap();
+    // 30 prompt tokens: fails at its 11th token, while `good` still runs.
+    let mut bad = long_request(ExpertChoice::Named("e0".into()), 60);
+    bad.prompt = (0..30).collect();
+    let mut bad = engine.submit(bad).unwrap();
+    let mut good = engine.submit(long_request(ExpertChoice::Base, 20)).unwrap();
+    let bad = collect(&mut bad);
+    assert!(
+        bad.error.unwrap().contains("context"),
+        "the backend's error"
+    );
+    assert_eq!(bad.prompt_tokens, 30);
+    let good = collect(&mut good);
+    assert_eq!(good.error, None);
+    assert_eq!(good.text, reference.text);
+    let stats = engine.stats();
+    assert_eq!((stats.failed_requests, stats.finished_requests), (1, 1));
+    assert_eq!(
+        engine.experts()[0].in_use,
+        0,
+        "the failed request released e0"
+    );
+}

@@ -105,7 +105,9 @@ pub trait Router<B: Backend>: Send {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// Always first: who serves the request (after routing / expert load).
+    /// First: who serves the request (after routing / expert load). A
+    /// request that fails before it starts (routing, expert load, unload)
+    /// gets only [`Event::Error`].
     Started {
         expert: Option<String>,
         route: Option<RouteDecision>,
