@@ -373,3 +373,52 @@ fn a_failing_sequence_does_not_disturb_its_batch() {
         "the failed request released e0"
     );
 }
+
+/// One family for every proptest case (building it is the slow part).
+fn shared_family() -> &'static Family {
+    static FAMILY: std::sync::OnceLock<Family> = std::sync::OnceLock::new();
+    FAMILY.get_or_init(|| family(2, 33))
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+
+    /// Whatever the mix, the limits and the prefill chunk, greedy batched
+    /// generation gives each request what `generate` gives it alone.
+    #[test]
+    fn any_mix_batches_like_sequential(
+        shapes in proptest::collection::vec((1usize..30, 0usize..3, 1usize..12), 1..10),
+        chunk in 1usize..20,
+        max_running in 1usize..6,
+    ) {
+        let fam = shared_family();
+        let reqs: Vec<GenRequest> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(len, expert, max_tokens))| GenRequest {
+                prompt: (0..len).map(|t| ((i * 37 + t * 11) % 500) as u32).collect(),
+                choice: match expert {
+                    0 => ExpertChoice::Base,
+                    e => ExpertChoice::Named(format!("e{}", e - 1)),
+                },
+                params: SamplingParams {
+                    max_tokens,
+                    ..Default::default()
+                },
+            })
+            .collect();
+        let want = sequential(fam, &reqs, &[]);
+        let config = EngineConfig {
+            max_running,
+            prefill_chunk: chunk,
+            ..Default::default()
+        };
+        let engine = engine(fam, &[], config);
+        let mut handles: Vec<_> = reqs.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
+        for (h, (_, g)) in handles.iter_mut().zip(&want) {
+            let o = collect(h);
+            proptest::prop_assert_eq!(&o.text, &g.text);
+            proptest::prop_assert_eq!(o.completion_tokens, g.ids.len());
+        }
+    }
+}
