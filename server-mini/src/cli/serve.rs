@@ -198,10 +198,28 @@ impl Run for ServeArgs {
                 "example: curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n  -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Can you explain integrals to me?\"}}], \"max_tokens\": 32}}'"
             );
             println!("metrics: curl {url}/metrics   (Ctrl-C stops)");
-            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            stop_signal().await?;
             eprintln!("shutting down");
             server.shutdown().await;
             anyhow::Ok(())
         })
     }
+}
+
+/// Ctrl-C, or SIGTERM (what service managers and `docker stop` send).
+async fn stop_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    Ok(())
 }
