@@ -422,3 +422,113 @@ proptest::proptest! {
         }
     }
 }
+
+/// CpuBackend that records the token count of each sequence in each step.
+struct Recording {
+    inner: CpuBackend,
+    steps: std::sync::Arc<std::sync::Mutex<Vec<Vec<usize>>>>,
+}
+
+impl Backend for Recording {
+    type Cache = <CpuBackend as Backend>::Cache;
+    fn config(&self) -> &meswitch_server::model::ModelConfig {
+        self.inner.config()
+    }
+    fn new_cache(&self) -> Self::Cache {
+        self.inner.new_cache()
+    }
+    fn add_expert(&mut self, e: meswitch_server::model::Expert) -> ExpertId {
+        self.inner.add_expert(e)
+    }
+    fn expert_names(&self) -> Vec<String> {
+        self.inner.expert_names()
+    }
+    fn remove_expert(
+        &mut self,
+        id: ExpertId,
+    ) -> Result<meswitch_server::model::Expert, meswitch_server::model::ModelError> {
+        self.inner.remove_expert(id)
+    }
+    fn expert_parser(&self) -> meswitch_server::model::ExpertParser {
+        self.inner.expert_parser()
+    }
+    fn hidden_states(
+        &self,
+        tokens: &[u32],
+        layer: usize,
+    ) -> Result<Vec<f32>, meswitch_server::model::ModelError> {
+        self.inner.hidden_states(tokens, layer)
+    }
+    fn forward(
+        &self,
+        batch: &mut [meswitch_server::model::SeqStep<'_, Self::Cache>],
+    ) -> Result<Vec<Vec<f32>>, meswitch_server::model::ModelError> {
+        let sizes = batch.iter().map(|s| s.tokens.len()).collect();
+        self.steps.lock().unwrap().push(sizes);
+        self.inner.forward(batch)
+    }
+}
+
+/// While a sequence decodes, newly arrived long prompts together add at
+/// most `prefill_chunk` rows to a step, so decoding is not stalled.
+#[test]
+fn long_prompts_enter_in_chunks_beside_decoding() {
+    const CHUNK: usize = 16;
+    let fam = family(1, 5);
+    let model = fam.model();
+    let steps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend = Recording {
+        inner: model.backend,
+        steps: steps.clone(),
+    };
+    let config = EngineConfig {
+        prefill_chunk: CHUNK,
+        ..Default::default()
+    };
+    let engine = Engine::start(
+        backend,
+        Box::new(model.tokenizer),
+        vec![],
+        fam.experts.clone(),
+        None,
+        config,
+    )
+    .unwrap();
+    let mut a = engine
+        .submit(long_request(ExpertChoice::Base, 200))
+        .unwrap();
+    assert!(matches!(next_event(&mut a), Some(Event::Started { .. })));
+    while !matches!(next_event(&mut a), Some(Event::Text(_))) {}
+    let long = |e: &str| GenRequest {
+        prompt: (0..100).collect(),
+        choice: ExpertChoice::Named(e.to_string()),
+        params: SamplingParams {
+            max_tokens: 3,
+            ..Default::default()
+        },
+    };
+    let mut b = engine.submit(long("e0")).unwrap();
+    let mut c = engine.submit(long("e0")).unwrap();
+    assert_eq!(collect(&mut b).completion_tokens, 3);
+    assert_eq!(collect(&mut c).completion_tokens, 3);
+    loop {
+        match next_event(&mut a) {
+            Some(Event::Text(_)) => {}
+            Some(Event::Done {
+                completion_tokens, ..
+            }) => break assert_eq!(completion_tokens, 200),
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+    let steps = steps.lock().unwrap();
+    let mut prefill_steps_beside_decoding = 0;
+    for s in steps.iter().filter(|s| s.len() > 1) {
+        let prefill: usize = s.iter().filter(|&&n| n > 1).sum();
+        assert!(
+            prefill <= CHUNK,
+            "step {s:?} carries more than {CHUNK} prompt rows"
+        );
+        prefill_steps_beside_decoding += (prefill > 0) as usize;
+    }
+    assert!(prefill_steps_beside_decoding >= 2 * 100 / CHUNK);
+}

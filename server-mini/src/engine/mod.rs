@@ -3,8 +3,8 @@
 //!
 //! - `sequence`: one request's prefill chunks, sampling, stop handling.
 //! - `residency`: expert tiers (disk → host → device), budgets, LRU.
-//! - `worker`: the engine thread's loop (admission, one forward per step)
-//!   and the loader thread.
+//! - `worker`: the engine thread's loop (admission, one forward per step).
+//! - `shared`: the hand-off between threads, and the loader thread.
 //!
 //! The engine thread owns the backend; other threads talk to it through a
 //! shared queue ([`Engine::submit`]), admin commands, and per-request event
@@ -12,6 +12,7 @@
 
 mod residency;
 mod sequence;
+mod shared;
 mod worker;
 
 use std::path::PathBuf;
@@ -22,7 +23,8 @@ use crate::generate::{Detokenize, StopReason};
 use crate::model::{Backend, ExpertParser, ModelError};
 use crate::sampling::SamplingParams;
 use residency::Residency;
-use worker::{Command, Pending, Shared, Worker};
+use shared::{Command, Pending, Shared};
+use worker::Worker;
 
 /// Engine limits and budgets.
 #[derive(Clone, Debug, PartialEq)]
@@ -306,7 +308,7 @@ impl Engine {
             let (parser, shared) = (parser.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("meswitch-loader".to_string())
-                .spawn(move || worker::loader_thread(parser, jobs_rx, shared))
+                .spawn(move || shared::loader_thread(parser, jobs_rx, shared))
                 .map_err(|e| EngineError::Config(format!("cannot start a thread: {e}")))?
         };
         let inner = Inner {

@@ -52,6 +52,11 @@ impl Sequence {
         })
     }
 
+    /// Prompt tokens remain to be fed.
+    pub fn prefilling(&self) -> bool {
+        self.prefilled < self.prompt.len()
+    }
+
     pub fn generated(&self) -> usize {
         self.ids.len()
     }

@@ -16,16 +16,16 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::residency::{LoadJob, Residency};
 use super::sequence::Sequence;
+use super::shared::{Command, Pending, Shared, SharedState};
 use super::{
-    EngineConfig, EngineError, EngineStats, Event, ExpertChoice, ExpertSource, ExpertStatus,
-    GenRequest, RouteDecision, Router, Tier,
+    EngineConfig, EngineError, EngineStats, Event, ExpertChoice, RouteDecision, Router, Tier,
 };
 use crate::generate::Detokenize;
 use crate::model::{Backend, Expert, ExpertId, LogitsWanted, ModelError, SeqStep};
@@ -36,66 +36,6 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 /// Weight of the newest request in the running mean of request durations
 /// (used for Retry-After).
 const DURATION_EMA_WEIGHT: f64 = 0.1;
-
-pub(crate) struct Pending {
-    pub req: GenRequest,
-    pub events: UnboundedSender<Event>,
-}
-
-pub(crate) enum Command {
-    Register {
-        src: ExpertSource,
-        expert: Box<Expert>,
-        reply: mpsc::Sender<Result<(), EngineError>>,
-    },
-    Unregister {
-        name: String,
-        reply: mpsc::Sender<Result<(), EngineError>>,
-    },
-}
-
-/// What the submitting threads, the loader and the engine thread share.
-#[derive(Default)]
-pub(crate) struct SharedState {
-    pub incoming: VecDeque<Pending>,
-    /// Requests accepted and not yet admitted (incoming + waiting).
-    pub queued: usize,
-    pub commands: VecDeque<Command>,
-    pub loaded: VecDeque<(LoadJob, Result<Expert, ModelError>)>,
-    pub shutting_down: bool,
-    pub stats: EngineStats,
-    pub experts: Vec<ExpertStatus>,
-    /// Running mean of admitted-to-done seconds.
-    pub mean_request_s: f64,
-}
-
-#[derive(Default)]
-pub(crate) struct Shared {
-    pub state: Mutex<SharedState>,
-    pub wake: Condvar,
-}
-
-impl Shared {
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
-        // A panic on another thread while holding the lock leaves plain
-        // data behind; keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Reads experts from disk to the host tier, one at a time, off the
-/// engine thread.
-pub(crate) fn loader_thread(
-    parser: crate::model::ExpertParser,
-    jobs: mpsc::Receiver<LoadJob>,
-    shared: Arc<Shared>,
-) {
-    for job in jobs {
-        let result = parser.open(&job.path);
-        shared.lock().loaded.push_back((job, result));
-        shared.wake.notify_all();
-    }
-}
 
 struct Waiting {
     pending: Pending,
@@ -429,7 +369,31 @@ impl<B: Backend> Worker<B> {
         });
     }
 
-    /// One forward over every running sequence.
+    /// Tokens each running sequence feeds this step: one per decoding
+    /// sequence; prompt chunks of at most `prefill_chunk` each. While some
+    /// sequence decodes, all prompt chunks together stay within
+    /// `prefill_chunk` (oldest first), so a burst of long prompts adds at
+    /// most that many rows to a decode step; with nobody decoding, every
+    /// prompt proceeds at once.
+    fn step_tokens(&self) -> Vec<usize> {
+        let chunk = self.config.prefill_chunk;
+        let decoding = self.running.iter().any(|r| !r.seq.prefilling());
+        let mut budget = if decoding { chunk } else { usize::MAX };
+        self.running
+            .iter()
+            .map(|r| {
+                if !r.seq.prefilling() {
+                    return 1;
+                }
+                let n = r.seq.next_input(chunk).len().min(budget);
+                budget -= n;
+                n
+            })
+            .collect()
+    }
+
+    /// One forward over the running sequences (all, but prompts beyond the
+    /// step's prefill budget).
     fn step(&mut self) {
         let gone: Vec<(usize, End)> = (self.running.iter().enumerate())
             .filter(|(_, r)| r.events.is_closed())
@@ -439,17 +403,13 @@ impl<B: Backend> Worker<B> {
         if self.running.is_empty() {
             return;
         }
-        let chunk = self.config.prefill_chunk;
-        let fed: Vec<usize> = self
-            .running
-            .iter()
-            .map(|r| r.seq.next_input(chunk).len())
-            .collect();
-        let mut batch: Vec<SeqStep<'_, B::Cache>> = self
-            .running
-            .iter_mut()
-            .map(|r| SeqStep {
-                tokens: r.seq.next_input(chunk),
+        let fed = self.step_tokens();
+        let active: Vec<usize> = (0..fed.len()).filter(|&i| fed[i] > 0).collect();
+        let mut batch: Vec<SeqStep<'_, B::Cache>> = (self.running.iter_mut())
+            .zip(&fed)
+            .filter(|(_, &n)| n > 0)
+            .map(|(r, &n)| SeqStep {
+                tokens: r.seq.next_input(n),
                 cache: &mut r.cache,
                 expert: r.expert_id,
                 logits: LogitsWanted::Last,
@@ -462,14 +422,15 @@ impl<B: Backend> Worker<B> {
             Ok(logits) => logits.into_iter().map(Ok).collect(),
             // One bad sequence fails the whole step (the backend restores
             // every cache): run each alone so only that one fails.
-            Err(_) => (0..self.running.len())
-                .map(|i| self.forward_one(i))
+            Err(_) => active
+                .iter()
+                .map(|&i| self.forward_one(i, fed[i]))
                 .collect(),
         };
         let mut finished = Vec::new();
-        for (i, (logits, fed)) in per_seq.into_iter().zip(fed).enumerate() {
+        for (&i, logits) in active.iter().zip(per_seq) {
             let end = match logits {
-                Ok(mut logits) => self.on_logits(i, &mut logits, fed),
+                Ok(mut logits) => self.on_logits(i, &mut logits, fed[i]),
                 Err(why) => Some(End::Failed(why)),
             };
             if let Some(end) = end {
@@ -479,10 +440,10 @@ impl<B: Backend> Worker<B> {
         self.remove(finished);
     }
 
-    fn forward_one(&mut self, i: usize) -> Result<Vec<f32>, String> {
+    fn forward_one(&mut self, i: usize, n: usize) -> Result<Vec<f32>, String> {
         let r = &mut self.running[i];
         let mut one = [SeqStep {
-            tokens: r.seq.next_input(self.config.prefill_chunk),
+            tokens: r.seq.next_input(n),
             cache: &mut r.cache,
             expert: r.expert_id,
             logits: LogitsWanted::Last,
