@@ -33,6 +33,7 @@
 //! | `MESWITCH_BENCH_BASELINES` (`0` skips a and b) | `1` |
 //! | `MESWITCH_BENCH_WARMUP_MS`, `MESWITCH_BENCH_MEASURE_MS` | `300`, `1000` |
 //! | `MESWITCH_BENCH_OUT` (CSV, JSON, PNG) | `target/meswitch-bench` |
+//! | `MESWITCH_BENCH_REPLOT=gemv.json` (no GPU: redraw gemv.png from a run) | unset |
 //! | `MESWITCH_FONT` (a .ttf for the PNG's labels) | DejaVuSans / Liberation paths |
 //!
 //! `cargo bench --bench gemv`
@@ -222,7 +223,55 @@ fn measure(
     samples[samples.len() / 2]
 }
 
+/// `MESWITCH_BENCH_REPLOT=gemv.json`: redraws the chart from a recorded
+/// run, on any machine (the GPU machine may have no font for the labels).
+fn replot(json_path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(json_path)?)?;
+    let field = |v: &serde_json::Value, k: &str| {
+        v.get(k).cloned().ok_or(format!("{json_path:?}: no {k:?}"))
+    };
+    let device = field(&doc, "device")?.as_str().unwrap_or("?").to_string();
+    let copy_gbps = field(&doc, "copy_bandwidth_gbps")?
+        .as_f64()
+        .ok_or("copy_bandwidth_gbps")?;
+    let mut records = Vec::new();
+    for r in field(&doc, "results")?.as_array().ok_or("results")? {
+        let n = |k: &str| {
+            r.get(k)
+                .and_then(|v| v.as_f64())
+                .ok_or(format!("result without {k:?}"))
+        };
+        let variant = match r.get("variant").and_then(|v| v.as_str()) {
+            Some("fused") => "fused",
+            Some("unfused") => "unfused",
+            Some("dense") => "dense",
+            other => return Err(format!("unknown variant {other:?}").into()),
+        };
+        records.push(Record {
+            out_features: n("out")? as usize,
+            in_features: n("in")? as usize,
+            batch: n("batch")? as usize,
+            experts: n("experts")? as usize,
+            bits: n("bits")? as u32,
+            variant,
+            seconds: n("seconds")?,
+            min_bytes: n("min_bytes")? as usize,
+        });
+    }
+    let out = json_path.with_extension("png");
+    plot(&out, &device, copy_gbps, &records)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
 fn main() {
+    if let Some(json) = std::env::var_os("MESWITCH_BENCH_REPLOT") {
+        if let Err(e) = replot(Path::new(&json)) {
+            eprintln!("replot failed: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let gpu = match Gpu::detect() {
         Ok(gpu) => gpu,
         Err(e) => {

@@ -63,8 +63,10 @@ MESWITCH_HD float meswitch_dequant_f32(float scale, float offset, uint32_t q) {
 //   lane t          0        | 1         | 2         | 3
 //   octet q (each)  0:+0..7  1:+8..15  2:+16..23  3:+24..31
 //
-// Each octet is one 16-byte load of FP16 base or x (8 halves), 8·bits bits
-// of codes, and feeds TWO mma.m16n8k16 steps (k = 16 each, 4 lanes x 4 k).
+// Each octet is 8·bits bits of codes (and one 16-byte load of x), and feeds
+// TWO mma.m16n8k16 steps (k = 16 each, 4 lanes x 4 k). The base, which has
+// no codes to keep whole, uses octet q = columns 32q + 8t .. +7 instead, so
+// that the 4 lanes of a row read 64 contiguous bytes per load (gemv_core.cuh).
 // The order of the k (input) index inside an mma does not change a dot
 // product, so the kernel may assign physical columns to mma k slots in any
 // way, as long as A and B use the same assignment. The fragment layout of

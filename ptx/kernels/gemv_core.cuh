@@ -53,18 +53,39 @@ __device__ __forceinline__ uint4 meswitch_ld16(const __half* p) {
     return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
+// Weights are read once per launch: loading them without allocating in L1
+// leaves L1 to x, which every item of the block re-reads. Not volatile: the
+// loads have no side effects, and the compiler may schedule them early.
+__device__ __forceinline__ uint4 meswitch_ld16_stream(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint2 meswitch_ld8_stream(const void* p) {
+    uint2 v;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint32_t meswitch_ld4_stream(const void* p) {
+    uint32_t v;
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
 // Lane's `BITS` code words for 32 columns (16, 8 or 4 bytes, naturally aligned
 // because in_features % 128 == 0 puts every row and lane start on them).
 template <int BITS>
 __device__ __forceinline__ void meswitch_load_lane_words(const uint32_t* p, uint32_t w[4]) {
     if (BITS == 4) {
-        uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+        uint4 v = meswitch_ld16_stream(p);
         w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
     } else if (BITS == 2) {
-        uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+        uint2 v = meswitch_ld8_stream(p);
         w[0] = v.x; w[1] = v.y; w[2] = 0u; w[3] = 0u;
     } else {
-        w[0] = __ldg(p); w[1] = 0u; w[2] = 0u; w[3] = 0u;
+        w[0] = meswitch_ld4_stream(p); w[1] = 0u; w[2] = 0u; w[3] = 0u;
     }
 }
 
@@ -84,7 +105,8 @@ __device__ __forceinline__ uint32_t meswitch_dequant_half2(uint32_t magic, __hal
 // 4 n-tiles on, the accumulators leave room for fewer under the 128-register
 // cap (more would spill, which the build rejects).
 #define MESWITCH_BASE_ITEMS_IN_FLIGHT(tiles) ((tiles) >= 4u ? 1u : 2u)
-#define MESWITCH_DELTA_ITEMS_IN_FLIGHT(tiles) ((tiles) >= 4u ? 2u : 4u)
+#define MESWITCH_DELTA_ITEMS_IN_FLIGHT(tiles, bits) \
+    ((tiles) >= 8u ? 1u : (tiles) >= 4u || ((tiles) >= 2u && (bits) == 4) ? 2u : 4u)
 
 // (lo, hi) -> half2 bits, lo in the low 16 bits (the lower k index of an mma register).
 __device__ __forceinline__ uint32_t meswitch_pack_half2(__half lo, __half hi) {
@@ -152,28 +174,38 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
 #pragma unroll
             for (uint32_t u = 0; u < MESWITCH_BASE_ITEMS_IN_FLIGHT(TILES); ++u) {
                 const uint32_t chunk = first + u * MESWITCH_GEMV_WARPS;
-                const uint32_t col0 = min(chunk, n_chunks - 1u) * MESWITCH_GEMV_K_CHUNK + 32u * t;
+                // Base octet q of lane t: columns 32q + 8t .. +7 of the chunk, so the
+                // 4 lanes of a row read 64 contiguous bytes per load (whole 32-byte
+                // sectors: these loads skip L1, a half-used sector would be fetched
+                // twice). Any column-to-k-slot map is valid as long as x uses it too.
+                const uint32_t col0 = min(chunk, n_chunks - 1u) * MESWITCH_GEMV_K_CHUNK + 8u * t;
 #pragma unroll
                 for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-                    lo[u][q] = meswitch_ld16(base + (size_t)r_lo * in + col0 + 8u * q);
-                    hi[u][q] = meswitch_ld16(base + (size_t)r_hi * in + col0 + 8u * q);
+                    lo[u][q] = meswitch_ld16(base + (size_t)r_lo * in + col0 + 32u * q);
+                    hi[u][q] = meswitch_ld16(base + (size_t)r_hi * in + col0 + 32u * q);
                 }
             }
 #pragma unroll
             for (uint32_t u = 0; u < MESWITCH_BASE_ITEMS_IN_FLIGHT(TILES); ++u) {
                 const uint32_t chunk = first + u * MESWITCH_GEMV_WARPS;
                 if (chunk >= n_chunks) break;  // warp-uniform
-                const uint32_t col0 = chunk * MESWITCH_GEMV_K_CHUNK + 32u * t;
+                const uint32_t col0 = chunk * MESWITCH_GEMV_K_CHUNK + 8u * t;
 #pragma unroll
-                for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-                    const uint32_t c = col0 + 8u * q;
+                for (uint32_t nt = 0; nt < TILES; ++nt) {
+                    if (nt < n_tiles) {
+                        // The tile's x for all octets first: one memory latency, not four.
+                        const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
+                        const __half* xb = x + (size_t)min(b, batch - 1u) * in + col0;
+                        uint4 xv[MESWITCH_OCTETS_PER_LANE];
 #pragma unroll
-                    for (uint32_t nt = 0; nt < TILES; ++nt) {
-                        if (nt < n_tiles) {
-                            const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
-                            uint4 xv = b < batch ? meswitch_ld16(x + (size_t)b * in + c) : make_uint4(0, 0, 0, 0);
-                            meswitch_mma_16816(acc[nt], lo[u][q].x, hi[u][q].x, lo[u][q].y, hi[u][q].y, xv.x, xv.y);
-                            meswitch_mma_16816(acc[nt], lo[u][q].z, hi[u][q].z, lo[u][q].w, hi[u][q].w, xv.z, xv.w);
+                        for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
+                            xv[q] = meswitch_ld16(xb + 32u * q);
+                            if (b >= batch) xv[q] = make_uint4(0, 0, 0, 0);
+                        }
+#pragma unroll
+                        for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
+                            meswitch_mma_16816(acc[nt], lo[u][q].x, hi[u][q].x, lo[u][q].y, hi[u][q].y, xv[q].x, xv[q].y);
+                            meswitch_mma_16816(acc[nt], lo[u][q].z, hi[u][q].z, lo[u][q].w, hi[u][q].w, xv[q].z, xv[q].w);
                         }
                     }
                 }
@@ -187,12 +219,12 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
     // are added in the epilogue, so any warp may take any item.
     const uint32_t n_items = n_active * n_chunks;
     for (uint32_t first = warp; first < n_items;
-         first += MESWITCH_GEMV_WARPS * MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)) {
-        uint32_t w_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)][4], w_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)][4];
-        __half2 s_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)], s_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)];
-        __half2 o_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)], o_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES)];
+         first += MESWITCH_GEMV_WARPS * MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)) {
+        uint32_t w_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)][4], w_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)][4];
+        __half2 s_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)], s_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)];
+        __half2 o_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)], o_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)];
 #pragma unroll
-        for (uint32_t u = 0; u < MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES); ++u) {
+        for (uint32_t u = 0; u < MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS); ++u) {
             // Past the end: reload the last item (valid memory), never used.
             const uint32_t k = min(first + u * MESWITCH_GEMV_WARPS, n_items - 1u);
             const uint32_t i = k / n_chunks, chunk = k % n_chunks;
@@ -210,36 +242,44 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
             meswitch_load_lane_words<BITS>(codes + (size_t)r_hi * words_per_row + lane_word, w_hi[u]);
         }
 #pragma unroll
-        for (uint32_t u = 0; u < MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES); ++u) {
+        for (uint32_t u = 0; u < MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS); ++u) {
             const uint32_t k = first + u * MESWITCH_GEMV_WARPS;
             if (k >= n_items) break;  // warp-uniform
             const uint32_t i = k / n_chunks, chunk = k % n_chunks;
             const unsigned long long rows = s_rows[i];
             const uint32_t col0 = chunk * MESWITCH_GEMV_K_CHUNK + 32u * t;
+            // Dequantized A fragments of the 4 octets (16 half2 per row half).
+            uint32_t a_lo[MESWITCH_OCTETS_PER_LANE][4], a_hi[MESWITCH_OCTETS_PER_LANE][4];
 #pragma unroll
             for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-                uint32_t a_lo[4], a_hi[4];
-                meswitch_octet_to_half2x4(meswitch_octet_field(w_lo[u], q, BITS), BITS, a_lo);
-                meswitch_octet_to_half2x4(meswitch_octet_field(w_hi[u], q, BITS), BITS, a_hi);
+                meswitch_octet_to_half2x4(meswitch_octet_field(w_lo[u], q, BITS), BITS, a_lo[q]);
+                meswitch_octet_to_half2x4(meswitch_octet_field(w_hi[u], q, BITS), BITS, a_hi[q]);
 #pragma unroll
                 for (uint32_t j = 0; j < 4u; ++j) {
-                    a_lo[j] = meswitch_dequant_half2(a_lo[j], s_lo[u], o_lo[u]);
-                    a_hi[j] = meswitch_dequant_half2(a_hi[j], s_hi[u], o_hi[u]);
+                    a_lo[q][j] = meswitch_dequant_half2(a_lo[q][j], s_lo[u], o_lo[u]);
+                    a_hi[q][j] = meswitch_dequant_half2(a_hi[q][j], s_hi[u], o_hi[u]);
                 }
-                const uint32_t c = col0 + 8u * q;
+            }
 #pragma unroll
-                for (uint32_t nt = 0; nt < TILES; ++nt) {
-                    // Warp-uniform: skip n-tiles with no row of this expert.
-                    if (nt < n_tiles && ((rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 0xFFull) != 0ull) {
-                        const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
-                        uint32_t xv[4] = {0u, 0u, 0u, 0u}, xp[4];
-                        if ((rows >> b) & 1ull) {
-                            uint4 v = meswitch_ld16(x + (size_t)b * in + c);
-                            xv[0] = v.x; xv[1] = v.y; xv[2] = v.z; xv[3] = v.w;
-                        }
-                        meswitch_pair_x_octet(xv, xp);
-                        meswitch_mma_16816(acc[nt], a_lo[0], a_hi[0], a_lo[1], a_hi[1], xp[0], xp[1]);
-                        meswitch_mma_16816(acc[nt], a_lo[2], a_hi[2], a_lo[3], a_hi[3], xp[2], xp[3]);
+            for (uint32_t nt = 0; nt < TILES; ++nt) {
+                // Warp-uniform: skip n-tiles with no row of this expert.
+                if (nt < n_tiles && ((rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 0xFFull) != 0ull) {
+                    const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
+                    const bool mine = (rows >> b) & 1ull;  // b >= batch is never set
+                    const __half* xb = x + (size_t)min(b, batch - 1u) * in + col0;
+                    uint4 xv[MESWITCH_OCTETS_PER_LANE];
+#pragma unroll
+                    for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
+                        xv[q] = meswitch_ld16(xb + 8u * q);
+                        if (!mine) xv[q] = make_uint4(0, 0, 0, 0);
+                    }
+#pragma unroll
+                    for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
+                        const uint32_t xo[4] = {xv[q].x, xv[q].y, xv[q].z, xv[q].w};
+                        uint32_t xp[4];
+                        meswitch_pair_x_octet(xo, xp);
+                        meswitch_mma_16816(acc[nt], a_lo[q][0], a_hi[q][0], a_lo[q][1], a_hi[q][1], xp[0], xp[1]);
+                        meswitch_mma_16816(acc[nt], a_lo[q][2], a_hi[q][2], a_lo[q][3], a_hi[q][3], xp[2], xp[3]);
                     }
                 }
             }
