@@ -99,6 +99,7 @@ date -u
 exit $status
 RUN
 chmod +x "$stage/run_on_gpu.sh"
+cp scripts/gpu_profile.sh "$stage/profile.sh"   # ncu profile: bash .device/profile.sh
 
 du -sh "$stage"
 echo
