@@ -3,8 +3,10 @@
 //! Every request must succeed; prints throughput and latency percentiles.
 //!
 //! Short by default (CI): `MESWITCH_LOAD_SECS` (default 3),
-//! `MESWITCH_LOAD_CLIENTS` (default 64) and `MESWITCH_TEST_EXPERTS` (4 to 16,
-//! default 4) set the run, e.g. the full one:
+//! `MESWITCH_LOAD_CLIENTS` (default 64), `MESWITCH_TEST_EXPERTS` (4 to 16,
+//! default 4) and `MESWITCH_LOAD_DEVICE_EXPERTS` (a device budget of that many
+//! experts' bytes, so the run loads and evicts; default: all fit) set the
+//! run, e.g. the full one:
 //!
 //! ```text
 //! MESWITCH_LOAD_SECS=60 MESWITCH_TEST_EXPERTS=16 cargo test -p meswitch-server --test server_load -- --nocapture
@@ -148,7 +150,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 async fn concurrent_clients_mixed_experts_zero_failures() {
     let secs = env_or("MESWITCH_LOAD_SECS", 3);
     let clients = env_or("MESWITCH_LOAD_CLIENTS", 64) as usize;
-    let setup = Setup {
+    let mut setup = Setup {
         engine: EngineConfig {
             max_running: 32,
             max_queued: 256,
@@ -158,6 +160,16 @@ async fn concurrent_clients_mixed_experts_zero_failures() {
         },
         ..Setup::default()
     };
+    if let Ok(n) = std::env::var("MESWITCH_LOAD_DEVICE_EXPERTS") {
+        let n: u64 = n.parse().expect("MESWITCH_LOAD_DEVICE_EXPERTS is a count");
+        let largest = family()
+            .experts
+            .iter()
+            .map(|e| std::fs::metadata(&e.path).unwrap().len())
+            .max()
+            .unwrap();
+        setup.engine.device_budget_bytes = n * largest;
+    }
     let s = start(setup).await;
     let mut models: Vec<String> = family().experts.iter().map(|e| e.name.clone()).collect();
     models.push(BASE_NAME.into());
