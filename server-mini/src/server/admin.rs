@@ -1,15 +1,23 @@
-//! Admin endpoints' guard: a bearer token fixed at start, and expert files
-//! confined to one models folder.
+//! Admin endpoints (`GET /admin/experts`, `POST /admin/experts/load`
+//! `{"name","file"}`, `POST /admin/experts/unload` `{"name"}`) and their
+//! guard: a bearer token fixed at start, and expert files confined to one
+//! models folder.
 //!
 //! Without a configured token the admin endpoints do not exist (404), so a
 //! server started without one cannot be reconfigured over HTTP at all.
 
 use std::path::{Component, Path, PathBuf};
 
-use hyper::header::AUTHORIZATION;
-use hyper::HeaderMap;
+use std::sync::Arc;
 
+use hyper::body::Incoming;
+use hyper::header::AUTHORIZATION;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::app::{json_response, read_body, tier_name, AppState, ResponseBody, AUTO_MODEL};
 use super::error::ApiError;
+use crate::engine::{EngineError, ExpertSource};
 
 #[derive(Clone)]
 pub struct AdminConfig {
@@ -132,6 +140,99 @@ impl AdminConfig {
 /// (the token length still shows).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ---- the endpoints ----
+
+fn engine_error(e: EngineError) -> ApiError {
+    match e {
+        EngineError::UnknownExpert(name) => ApiError::not_found(format!("unknown expert {name:?}")),
+        EngineError::DuplicateExpert(_)
+        | EngineError::ExpertInUse(_)
+        | EngineError::ExpertPinned(_) => ApiError::conflict(e.to_string()),
+        EngineError::ExpertLoad { .. } | EngineError::Model(_) => {
+            ApiError::invalid(Some("file"), e.to_string())
+        }
+        EngineError::ShuttingDown => ApiError::shutting_down(),
+        EngineError::Config(_) => ApiError::internal(e.to_string()),
+    }
+}
+
+fn expert_names_valid(name: &str) -> bool {
+    // Names travel in headers and Prometheus labels: keep them to a plain alphabet.
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+}
+
+pub(super) async fn handle(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    path: &str,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let Some(admin) = &state.admin else {
+        return Err(ApiError::not_found(
+            "admin endpoints are off (start the server with --admin-token-file)",
+        ));
+    };
+    admin.authorize(req.headers())?;
+    let method = req.method().clone();
+    if path == "/admin/experts" {
+        if method != Method::GET {
+            return Err(ApiError::method_not_allowed(path));
+        }
+        let experts: Vec<Value> = state
+            .engine
+            .experts()
+            .iter()
+            .map(|e| json!({"name": e.name, "tier": tier_name(e.tier), "pinned": e.pinned, "bytes": e.bytes, "in_use": e.in_use}))
+            .collect();
+        return Ok(json_response(StatusCode::OK, &json!({"experts": experts})));
+    }
+    if method != Method::POST {
+        return Err(ApiError::method_not_allowed(path));
+    }
+    let body = read_body(state, req).await?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(None, format!("the body is not valid JSON: {e}")))?;
+    let field = |k: &str| -> Result<String, ApiError> {
+        v.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::invalid(Some(k), format!("`{k}` (a string) is required")))
+    };
+    let name = field("name")?;
+    if !expert_names_valid(&name) || name == state.base_name || name == AUTO_MODEL {
+        return Err(ApiError::invalid(
+            Some("name"),
+            "`name` must be 1-128 of [A-Za-z0-9-_.:] and not the base model's name or `auto`",
+        ));
+    }
+    let engine = state.engine.clone();
+    if path == "/admin/experts/load" {
+        let file = admin.resolve(&field("file")?)?;
+        let src = ExpertSource {
+            name: name.clone(),
+            path: file,
+        };
+        // Loading reads and checks the file: keep it off the async workers.
+        tokio::task::spawn_blocking(move || engine.load_expert(src))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(engine_error)?;
+        Ok(json_response(StatusCode::OK, &json!({"loaded": name})))
+    } else {
+        tokio::task::spawn_blocking(move || engine.unload_expert(&name))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(engine_error)?;
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"unloaded": v["name"]}),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -25,9 +25,7 @@ use super::metrics::{self, Metrics};
 use super::openai::{self, Endpoint, RouteInfo, Served, Usage};
 use super::prompt::Prompter;
 use super::stream::{self, Accounting, SseBody};
-use crate::engine::{
-    Engine, EngineError, Event, ExpertChoice, ExpertSource, GenRequest, SubmitError, Tier,
-};
+use crate::engine::{Engine, Event, ExpertChoice, GenRequest, SubmitError, Tier};
 use crate::sampling::SamplingParams;
 
 pub type ResponseBody = BoxBody<Bytes, std::convert::Infallible>;
@@ -126,7 +124,7 @@ fn full(
     r
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<ResponseBody> {
+pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<ResponseBody> {
     full(status, "application/json", v.to_string())
 }
 
@@ -210,7 +208,7 @@ async fn dispatch(
             ))
         }
         "/admin/experts" | "/admin/experts/load" | "/admin/experts/unload" => {
-            admin(state, req, &path).await
+            super::admin::handle(state, req, &path).await
         }
         _ => Err(ApiError::not_found(format!("no route for {path}"))),
     }
@@ -218,7 +216,7 @@ async fn dispatch(
 
 /// Reads the body up to the size limit (413 beyond, at once when
 /// Content-Length says so).
-async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let limit = state.limits.max_body_bytes;
     let declared = req
         .headers()
@@ -442,7 +440,7 @@ fn health(state: &AppState) -> Response<ResponseBody> {
     )
 }
 
-fn tier_name(t: Tier) -> &'static str {
+pub(super) fn tier_name(t: Tier) -> &'static str {
     match t {
         Tier::Disk => "disk",
         Tier::Host => "host",
@@ -566,95 +564,4 @@ pub fn render_metrics(state: &AppState) -> String {
         );
     }
     out
-}
-
-fn engine_error(e: EngineError) -> ApiError {
-    match e {
-        EngineError::UnknownExpert(name) => ApiError::not_found(format!("unknown expert {name:?}")),
-        EngineError::DuplicateExpert(_)
-        | EngineError::ExpertInUse(_)
-        | EngineError::ExpertPinned(_) => ApiError::conflict(e.to_string()),
-        EngineError::ExpertLoad { .. } | EngineError::Model(_) => {
-            ApiError::invalid(Some("file"), e.to_string())
-        }
-        EngineError::ShuttingDown => ApiError::shutting_down(),
-        EngineError::Config(_) => ApiError::internal(e.to_string()),
-    }
-}
-
-fn expert_names_valid(name: &str) -> bool {
-    // Names travel in headers and Prometheus labels: keep them to a plain alphabet.
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-}
-
-async fn admin(
-    state: &Arc<AppState>,
-    req: Request<Incoming>,
-    path: &str,
-) -> Result<Response<ResponseBody>, ApiError> {
-    let Some(admin) = &state.admin else {
-        return Err(ApiError::not_found(
-            "admin endpoints are off (start the server with --admin-token-file)",
-        ));
-    };
-    admin.authorize(req.headers())?;
-    let method = req.method().clone();
-    if path == "/admin/experts" {
-        if method != Method::GET {
-            return Err(ApiError::method_not_allowed(path));
-        }
-        let experts: Vec<Value> = state
-            .engine
-            .experts()
-            .iter()
-            .map(|e| json!({"name": e.name, "tier": tier_name(e.tier), "pinned": e.pinned, "bytes": e.bytes, "in_use": e.in_use}))
-            .collect();
-        return Ok(json_response(StatusCode::OK, &json!({"experts": experts})));
-    }
-    if method != Method::POST {
-        return Err(ApiError::method_not_allowed(path));
-    }
-    let body = read_body(state, req).await?;
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(None, format!("the body is not valid JSON: {e}")))?;
-    let field = |k: &str| -> Result<String, ApiError> {
-        v.get(k)
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| ApiError::invalid(Some(k), format!("`{k}` (a string) is required")))
-    };
-    let name = field("name")?;
-    if !expert_names_valid(&name) || name == state.base_name || name == AUTO_MODEL {
-        return Err(ApiError::invalid(
-            Some("name"),
-            "`name` must be 1-128 of [A-Za-z0-9-_.:] and not the base model's name or `auto`",
-        ));
-    }
-    let engine = state.engine.clone();
-    if path == "/admin/experts/load" {
-        let file = admin.resolve(&field("file")?)?;
-        let src = ExpertSource {
-            name: name.clone(),
-            path: file,
-        };
-        // Loading reads and checks the file: keep it off the async workers.
-        tokio::task::spawn_blocking(move || engine.load_expert(src))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(engine_error)?;
-        Ok(json_response(StatusCode::OK, &json!({"loaded": name})))
-    } else {
-        tokio::task::spawn_blocking(move || engine.unload_expert(&name))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(engine_error)?;
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({"unloaded": v["name"]}),
-        ))
-    }
 }
