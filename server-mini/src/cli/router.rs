@@ -16,7 +16,7 @@ use crate::router::hidden::{
     HiddenRouter, HiddenRouterSettings, Pooling, Tokenize, DEFAULT_L2, DEFAULT_MAX_TOKENS,
     PROMPT_CHAT, PROMPT_RAW,
 };
-use crate::router::hidden_sweep::{labels_in, sweep, SweepSetup};
+use crate::router::hidden_sweep::{labels_in, sweep_features, sweep_scores, SweepSetup};
 use crate::router::metrics::Confusion;
 use crate::router::softmax::{SoftmaxClassifier, TrainConfig};
 use crate::router::tfidf::{TfidfConfig, TfidfVectorizer};
@@ -116,6 +116,9 @@ struct SweepArgs {
     /// Use only every n-th query of each split (a quick look).
     #[arg(long, default_value_t = 1)]
     every: usize,
+    /// Comma-separated L2 penalties to try (default: --l2).
+    #[arg(long, value_delimiter = ',')]
+    l2s: Vec<f32>,
     #[command(flatten)]
     fit: FitArgs,
 }
@@ -272,17 +275,17 @@ impl EvalArgs {
         );
         println!("{}", confusion.table());
         if let Some(path) = &self.baseline_train {
-            baseline(path, &data)?;
+            println!("baseline trained on {}", path.display());
+            baseline(&read(path)?, &data)?;
         }
         Ok(())
     }
 }
 
-/// Char 2–5-gram TF-IDF + logistic regression, trained on `train_path`,
-/// scored on `data`.
-fn baseline(train_path: &Path, data: &[LabelledQuery]) -> anyhow::Result<()> {
-    let train = read(train_path)?;
-    let (classes, y) = label_indices(&train);
+/// Char 2–5-gram TF-IDF + logistic regression, trained on `train`, scored
+/// on `data`.
+fn baseline(train: &[LabelledQuery], data: &[LabelledQuery]) -> anyhow::Result<()> {
+    let (classes, y) = label_indices(train);
     let started = Instant::now();
     let texts: Vec<&str> = train.iter().map(|q| q.text.as_str()).collect();
     let vectorizer = TfidfVectorizer::fit(&texts, TfidfConfig::default());
@@ -299,8 +302,8 @@ fn baseline(train_path: &Path, data: &[LabelledQuery]) -> anyhow::Result<()> {
     let per_query = ms(started.elapsed()) / data.len() as f64;
     let confusion = Confusion::new(&classes, &truth, &predicted);
     println!(
-        "baseline (char 2-5-gram TF-IDF + logistic regression, trained on {}: {} features, {:.1} s)",
-        train_path.display(),
+        "baseline (char 2-5-gram TF-IDF + logistic regression, trained on {} queries: {} features, {:.1} s)",
+        train.len(),
         vectorizer.dim(),
         trained.as_secs_f64()
     );
@@ -321,39 +324,48 @@ impl SweepArgs {
             load_cpu(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
         let format = prompt_format(self.raw);
         let tokenize = tokenizer_for(&self.model, &m, format)?;
+        let setup = SweepSetup {
+            layers: self.layers.clone(),
+            max_tokens: self.max_tokens,
+            prompt_format: format.to_string(),
+            train: self.fit.config(),
+            l2s: if self.l2s.is_empty() {
+                vec![self.fit.l2]
+            } else {
+                self.l2s.clone()
+            },
+        };
         let bar = super::progress_bar((train.len() + dev.len()) as u64);
         let started = Instant::now();
-        let rows = sweep(
-            &m.backend,
-            &*tokenize,
-            &train,
-            &dev,
-            &SweepSetup {
-                layers: self.layers.clone(),
-                max_tokens: self.max_tokens,
-                prompt_format: format.to_string(),
-                train: self.fit.config(),
-            },
-            &mut |i, _| bar.set_position(i as u64),
-        )?;
+        let features =
+            sweep_features(&m.backend, &*tokenize, &train, &dev, &setup, &mut |i, _| {
+                bar.set_position(i as u64)
+            })?;
         bar.finish_and_clear();
         println!(
-            "{} train / {} dev queries, ≤{} {} tokens, {:.0} s",
+            "{} train / {} dev queries, <={} {} tokens, model {:.0} s",
             train.len(),
             dev.len(),
             self.max_tokens,
             format,
             started.elapsed().as_secs_f64()
         );
+        let rows = sweep_scores(&features, &train, &dev, &setup)?;
         println!(
-            "| layer | {} |",
+            "| layer | l2 | {} |",
             Pooling::ALL.map(Pooling::name).join(" | ")
         );
-        println!("|---|{}", "---|".repeat(Pooling::ALL.len()));
+        println!("|---|---|{}", "---|".repeat(Pooling::ALL.len()));
         for chunk in rows.chunks(Pooling::ALL.len()) {
             let accs: Vec<String> = chunk.iter().map(|r| format!("{:.4}", r.accuracy)).collect();
-            println!("| {} | {} |", chunk[0].layer, accs.join(" | "));
+            println!(
+                "| {} | {:e} | {} |",
+                chunk[0].layer,
+                chunk[0].l2,
+                accs.join(" | ")
+            );
         }
+        baseline(&train, &dev)?;
         Ok(())
     }
 }

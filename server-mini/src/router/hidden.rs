@@ -21,10 +21,11 @@ use super::features::SparseVec;
 use super::softmax::{SoftmaxClassifier, TrainConfig};
 use crate::model::{Backend, ModelError};
 
-/// Prompt tokens the router runs at most (the rest is cut off), so routing
-/// latency is bounded whatever the prompt length. 128 tokens cover the
-/// whole of most queries of the routing data (median ≈ 230 characters) and
-/// the opening of long ones, which names their task.
+/// Prompt tokens the router runs at most after the shared prefix (the rest
+/// is cut off), so routing latency is bounded whatever the prompt length.
+/// The routing data's median query is ≈ 230 characters, so most fit; long
+/// ones keep their opening, which usually names the task. Cost: the base
+/// model's layers up to the router's layer over these tokens, per query.
 pub const DEFAULT_MAX_TOKENS: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,8 +100,10 @@ pub struct HiddenRouterSettings {
 }
 
 /// Default depth as a fraction of the decoder layers, from the sweep on
-/// SmolLM2-135M (`meswitch router sweep`, see docs/perf.md): middle layers
-/// carry the domain as well as the last ones, at half the cost.
+/// SmolLM2-135M (`meswitch router sweep --every 3`: a third of train and
+/// dev): mean pooling after layer 15 of 30 scored as well as any deeper
+/// layer (0.9628–0.9665 against 0.9517 after the final norm) at about half
+/// the cost; last-token pooling trailed by 10+ points.
 pub const DEFAULT_LAYER_FRACTION: f64 = 0.5;
 
 /// L2 penalty of the classifier on standardised hidden-state features.

@@ -64,26 +64,34 @@ pub struct SweepSetup {
     pub layers: Vec<usize>,
     pub max_tokens: usize,
     pub prompt_format: String,
+    /// Every L2 penalty in `l2s` is tried with these settings.
     pub train: TrainConfig,
+    pub l2s: Vec<f32>,
 }
 
 pub struct SweepResult {
     pub layer: usize,
     pub pooling: Pooling,
+    pub l2: f32,
     pub accuracy: f64,
 }
 
-/// Trains on `train`, scores `dev`, for every layer in `layers` × every
-/// pooling; `progress(done, total)` counts queries through the model.
-pub fn sweep(
+/// Features of a train and a dev split at the sweep's layers.
+pub struct SweepFeatures {
+    pub spec: FeatureSpec,
+    pub train: LayerFeatures,
+    pub dev: LayerFeatures,
+}
+
+/// Runs the model over both splits once; `progress(done, total)` counts queries.
+pub fn sweep_features(
     backend: &CpuBackend,
     tokenize: &Tokenize<'_>,
     train: &[LabelledQuery],
     dev: &[LabelledQuery],
     setup: &SweepSetup,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<Vec<SweepResult>, RouterError> {
-    let (layers, config) = (&setup.layers, &setup.train);
+) -> Result<SweepFeatures, RouterError> {
     let c = backend.config();
     let train_tokens = tokenize_all(tokenize, train)?;
     let dev_tokens = tokenize_all(tokenize, dev)?;
@@ -97,39 +105,60 @@ pub fn sweep(
         prompt_format: setup.prompt_format.clone(),
     };
     let total = train.len() + dev.len();
+    let layers = &setup.layers;
     let x_train = layer_features(backend, &spec, &train_tokens, layers, &mut |i| {
         progress(i, total)
     })?;
     let x_dev = layer_features(backend, &spec, &dev_tokens, layers, &mut |i| {
         progress(train.len() + i, total)
     })?;
+    Ok(SweepFeatures {
+        spec,
+        train: x_train,
+        dev: x_dev,
+    })
+}
+
+/// Trains on the train features, scores dev, for every layer × pooling × L2.
+pub fn sweep_scores(
+    f: &SweepFeatures,
+    train: &[LabelledQuery],
+    dev: &[LabelledQuery],
+    setup: &SweepSetup,
+) -> Result<Vec<SweepResult>, RouterError> {
     let (classes, y_train) = super::dataset::label_indices(train);
     let y_dev = labels_in(&classes, dev)?;
+    let hidden = f.spec.hidden_size;
     let mut out = Vec::new();
-    for (li, &layer) in layers.iter().enumerate() {
-        for pooling in Pooling::ALL {
-            let spec = FeatureSpec {
-                layer,
-                pooling,
-                ..spec.clone()
-            };
-            let router = HiddenRouter::fit(
-                spec,
-                classes.clone(),
-                &x_train.select(li, pooling, c.hidden_size),
-                &y_train,
-                config,
-            )?;
-            let predicted: Vec<usize> = x_dev
-                .select(li, pooling, c.hidden_size)
-                .iter()
-                .map(|x| router.classify_features(x).domain)
-                .collect();
-            out.push(SweepResult {
-                layer,
-                pooling,
-                accuracy: Confusion::new(&classes, &y_dev, &predicted).accuracy(),
-            });
+    for (li, &layer) in f.train.layers.iter().enumerate() {
+        for &l2 in &setup.l2s {
+            for pooling in Pooling::ALL {
+                let spec = FeatureSpec {
+                    layer,
+                    pooling,
+                    ..f.spec.clone()
+                };
+                let config = TrainConfig { l2, ..setup.train };
+                let router = HiddenRouter::fit(
+                    spec,
+                    classes.clone(),
+                    &f.train.select(li, pooling, hidden),
+                    &y_train,
+                    &config,
+                )?;
+                let predicted: Vec<usize> = f
+                    .dev
+                    .select(li, pooling, hidden)
+                    .iter()
+                    .map(|x| router.classify_features(x).domain)
+                    .collect();
+                out.push(SweepResult {
+                    layer,
+                    pooling,
+                    l2,
+                    accuracy: Confusion::new(&classes, &y_dev, &predicted).accuracy(),
+                });
+            }
         }
     }
     Ok(out)
