@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job until the server lands: build the synthetic demo family (a small
+# The offline pipeline, step by step (the main job is `meswitch serve`): build the synthetic demo family (a small
 # Mistral-architecture base + 16 fine-tune-like experts; synthetic, deterministic),
 # compress every expert to INT2 with 1% salient channels, inspect one, and check one
 # by decompressing it, then generate with it. Runs on the CPU.
