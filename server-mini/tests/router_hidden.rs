@@ -32,14 +32,15 @@ use meswitch_server::router::softmax::{SoftmaxClassifier, TrainConfig};
 use meswitch_server::router::tfidf::{TfidfConfig, TfidfVectorizer};
 use meswitch_server::testdata;
 
-const TRAIN_EVERY: usize = 6;
-const DEV_EVERY: usize = 4;
+const TRAIN_EVERY: usize = 8;
+const DEV_EVERY: usize = 5;
 /// Accuracy the router must reach on the dev subset: 7 domains, the largest
 /// 19% of the queries; broken features land near that.
 const MIN_ACCURACY: f64 = 0.9;
-/// How far under the TF-IDF baseline the router may score (measured gap on
-/// the full dev split: 0.024).
-const MAX_GAP: f64 = 0.04;
+/// How far under the TF-IDF baseline the router may score (measured gaps:
+/// 0.024 on the full dev split, 0.025 with every 6th train / 4th dev query,
+/// 0 on every 3rd; a few dev queries more or less move it by a point).
+const MAX_GAP: f64 = 0.05;
 
 fn every(v: Vec<LabelledQuery>, n: usize) -> Vec<LabelledQuery> {
     v.into_iter().step_by(n).collect()
