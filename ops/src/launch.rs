@@ -226,8 +226,9 @@ fn launch_gemv(
         .map_or((0, 0), |t| (addr(gpu, &t.descriptors), t.n));
     for b0 in (0..batch).step_by(MAX_BATCH) {
         let rows_here = MAX_BATCH.min(batch - b0);
-        let entry = meswitch_ptx::gemv_entry_for_batch(kernel, rows_here)
-            .ok_or_else(|| OpsError::Unsupported(format!("no GEMV variant for {rows_here} rows")))?;
+        let entry = meswitch_ptx::gemv_entry_for_batch(kernel, rows_here).ok_or_else(|| {
+            OpsError::Unsupported(format!("no GEMV variant for {rows_here} rows"))
+        })?;
         let func = gpu.function(&entry)?;
         let params = Param(abi::MeswitchGemvParams {
             base,
