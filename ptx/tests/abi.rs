@@ -91,13 +91,27 @@ fn batch_picks_the_smallest_tile_variant_that_holds_it() {
         .into_iter()
         .map(gemv_batch_tiles)
         .collect();
-    let want = [None, Some(1), Some(1), Some(2), Some(2), Some(4), Some(4), Some(8), Some(8), None];
+    let want = [
+        None,
+        Some(1),
+        Some(1),
+        Some(2),
+        Some(2),
+        Some(4),
+        Some(4),
+        Some(8),
+        Some(8),
+        None,
+    ];
     assert_eq!(tiles, want);
     assert_eq!(
         gemv_entry_for_batch("meswitch_delta_gemv_b2_g128", 12).as_deref(),
         Some("meswitch_delta_gemv_b2_g128_t2")
     );
-    assert_eq!(MESWITCH_GEMV_MAX_TILES * MESWITCH_GEMV_BATCH_TILE, MESWITCH_MAX_BATCH);
+    assert_eq!(
+        MESWITCH_GEMV_MAX_TILES * MESWITCH_GEMV_BATCH_TILE,
+        MESWITCH_MAX_BATCH
+    );
 }
 
 #[test]
