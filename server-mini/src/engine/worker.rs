@@ -482,6 +482,9 @@ impl<B: Backend> Worker<B> {
     /// its last event, and frees their slots, KV and expert use.
     fn remove(&mut self, mut ends: Vec<(usize, End)>) {
         ends.sort_by_key(|e| std::cmp::Reverse(e.0));
+        // Last events go out after the stats are published, so a client that
+        // has its Done already finds itself counted in `stats()` (/metrics).
+        let mut last_events = Vec::new();
         for (i, event) in ends {
             let r = self.running.remove(i);
             if let Some(name) = &r.expert {
@@ -490,7 +493,7 @@ impl<B: Backend> Worker<B> {
             match event {
                 End::Failed(why) => {
                     self.stats.failed_requests += 1;
-                    let _ = r.events.send(Event::Error(why));
+                    last_events.push((r.events, Event::Error(why)));
                 }
                 End::Done(done) => {
                     self.stats.finished_requests += 1;
@@ -498,10 +501,16 @@ impl<B: Backend> Worker<B> {
                     let mut st = self.shared.lock();
                     st.mean_request_s += DURATION_EMA_WEIGHT * (secs - st.mean_request_s);
                     drop(st);
-                    let _ = r.events.send(done);
+                    last_events.push((r.events, done));
                 }
                 End::Gone => {}
             }
+        }
+        if !last_events.is_empty() {
+            self.publish();
+        }
+        for (events, event) in last_events {
+            let _ = events.send(event);
         }
     }
 
