@@ -75,6 +75,10 @@ pub(crate) struct Worker<B: Backend> {
     waiting: VecDeque<Waiting>,
     running: Vec<Running<B::Cache>>,
     stats: EngineStats,
+    /// Last events of the sequences that ended this step, sent once the
+    /// step's stats are published: a client that has its Done then finds
+    /// itself counted in `stats()` (/metrics).
+    outbox: Vec<(UnboundedSender<Event>, Event)>,
 }
 
 /// Marks the engine as shut down however the thread ends (a panic
@@ -112,6 +116,7 @@ impl<B: Backend> Worker<B> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: EngineStats::default(),
+            outbox: Vec::new(),
         }
     }
 
@@ -158,6 +163,9 @@ impl<B: Backend> Worker<B> {
             self.admit();
             self.step();
             self.publish();
+            for (events, event) in self.outbox.drain(..) {
+                let _ = events.send(event);
+            }
         }
     }
 
@@ -478,13 +486,10 @@ impl<B: Backend> Worker<B> {
         })
     }
 
-    /// Ends the sequences at `ends` (indices into `running`), sending each
-    /// its last event, and frees their slots, KV and expert use.
+    /// Ends the sequences at `ends` (indices into `running`), queuing each
+    /// its last event in the outbox, and frees their slots, KV and expert use.
     fn remove(&mut self, mut ends: Vec<(usize, End)>) {
         ends.sort_by_key(|e| std::cmp::Reverse(e.0));
-        // Last events go out after the stats are published, so a client that
-        // has its Done already finds itself counted in `stats()` (/metrics).
-        let mut last_events = Vec::new();
         for (i, event) in ends {
             let r = self.running.remove(i);
             if let Some(name) = &r.expert {
@@ -493,7 +498,7 @@ impl<B: Backend> Worker<B> {
             match event {
                 End::Failed(why) => {
                     self.stats.failed_requests += 1;
-                    last_events.push((r.events, Event::Error(why)));
+                    self.outbox.push((r.events, Event::Error(why)));
                 }
                 End::Done(done) => {
                     self.stats.finished_requests += 1;
@@ -501,16 +506,10 @@ impl<B: Backend> Worker<B> {
                     let mut st = self.shared.lock();
                     st.mean_request_s += DURATION_EMA_WEIGHT * (secs - st.mean_request_s);
                     drop(st);
-                    last_events.push((r.events, done));
+                    self.outbox.push((r.events, done));
                 }
                 End::Gone => {}
             }
-        }
-        if !last_events.is_empty() {
-            self.publish();
-        }
-        for (events, event) in last_events {
-            let _ = events.send(event);
         }
     }
 
