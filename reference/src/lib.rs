@@ -3,6 +3,7 @@
 //! - [`layout`]: the packed delta layout (the single definition of the format).
 //! - [`quant`], [`salient`], [`delta`]: ME-Switch compression of one matrix.
 //! - [`gemv`]: batched multi-expert GEMV and friends, the oracle of the kernels.
+//! - [`layers`]: RMSNorm, RoPE, SwiGLU, attention in f32, the oracle of the layer kernels.
 //!
 //! Clear rather than clever: this crate is what every kernel is checked against.
 
@@ -10,6 +11,7 @@ pub mod container;
 pub mod delta;
 pub mod error;
 pub mod gemv;
+pub mod layers;
 pub mod layout;
 pub mod measure;
 pub mod quant;
