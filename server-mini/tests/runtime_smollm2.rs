@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use meswitch_server::generate::{generate, perplexity};
-use meswitch_server::model::{load_cpu, Backend, LoadedModel, LogitsWanted, SeqStep};
+use meswitch_server::model::{load_cpu, Backend, LoadedModel, LogitsWanted, Numerics, SeqStep};
 use meswitch_server::sampling::SamplingParams;
 use meswitch_server::testdata;
 use serde_json::Value;
@@ -149,13 +149,9 @@ fn golden_tokens_are_in_our_top2_teacher_forced() {
     assert!(outside.len() <= 1, "{outside:?}");
 }
 
-/// Free-running greedy decoding must reproduce the golden prefix on all
-/// prompts but one. Known to fail now (5 of 8 prompts diverge at a golden
-/// margin of 0.1–0.4 logits): see the runtime report.
-#[test]
-#[ignore = "known divergence from llama.cpp on 5 of 8 prompts (numerics under investigation)"]
-fn greedy_continuations_match_llama_cpp() {
-    let Some(m) = model() else { return };
+/// Greedy continuations of every golden prompt, compared with llama.cpp's up
+/// to each golden's `robust_prefix_len`; returns the prompts that differ.
+fn greedy_misses(m: &LoadedModel) -> Vec<String> {
     let mut misses = Vec::new();
     for g in goldens("generation_goldens.jsonl") {
         let prompt = ids(&g["prompt_ids"]);
@@ -184,17 +180,62 @@ fn greedy_continuations_match_llama_cpp() {
         let n = out.ids.len().min(robust);
         if out.ids[..n] != golden[..robust.min(golden.len())] {
             let first = out.ids.iter().zip(&golden).position(|(a, b)| a != b);
+            let margins = &g["step_top1_top2_logit_margin"];
             misses.push(format!(
-                "prompt {}: first difference at {first:?} of {robust}",
-                g["id"]
+                "prompt {}: first difference at {first:?} of {robust} (golden margin there {})",
+                g["id"],
+                first.map_or(Value::Null, |i| margins[i].clone())
             ));
         }
     }
-    // The issue allows one miss (a near-tie flipped by llama.cpp's quantized activations).
+    misses
+}
+
+/// Greedy decoding with llama.cpp's activation roundings
+/// ([`Numerics::LlamaCpp`]). Measured: 2 of 8 prompts differ (5 with exact
+/// numerics). Prompt 0 flips at a golden margin of 0.059 logits (a near-tie).
+/// Prompt 7 flips at step 6 where llama.cpp's margin is 0.385 and ours is
+/// −0.14: not explained by the roundings emulated here. Layer by layer
+/// against llama.cpp's eval-callback trace, the first FFN's outputs already
+/// differ by ~0.5% on the first token, whose visible inputs agree to 1e-4.
+/// So this test guards the measured state (at most 2 misses);
+/// [`greedy_continuations_meet_the_issue_target`] is the issue's bar.
+fn greedy_llama_cpp_numerics_misses() -> Option<Vec<String>> {
+    let path = testdata::require("SmolLM2 GGUF", testdata::smollm2_gguf())?;
+    let mut m = load_cpu(&path).expect("load SmolLM2");
+    m.backend.set_numerics(Numerics::LlamaCpp);
+    let misses = greedy_misses(&m);
+    eprintln!("llama-cpp numerics: {} misses {misses:?}", misses.len());
+    Some(misses)
+}
+
+#[test]
+fn greedy_continuations_with_llama_cpp_numerics_at_most_two_misses() {
+    let Some(misses) = greedy_llama_cpp_numerics_misses() else {
+        return;
+    };
+    assert!(misses.len() <= 2, "{misses:?}");
+}
+
+/// The issue's bar: all prompts but at most one. Not met (see above).
+#[test]
+#[ignore = "not met: 2 of 8 prompts differ from llama.cpp (one near-tie, one unexplained); see the runtime notes"]
+fn greedy_continuations_meet_the_issue_target() {
+    let Some(misses) = greedy_llama_cpp_numerics_misses() else {
+        return;
+    };
     assert!(misses.len() <= 1, "{misses:?}");
-    if !misses.is_empty() {
-        eprintln!("allowed miss: {misses:?}");
-    }
+}
+
+/// The same with exact f32 activations: llama.cpp's 8-bit activations move
+/// logits by up to ~0.5, more than the golden margins at some steps, so more
+/// prompts may diverge; this test only reports them.
+#[test]
+#[ignore = "report only: exact numerics are expected to differ from llama.cpp's rounding"]
+fn greedy_continuations_exact_numerics_report() {
+    let Some(m) = model() else { return };
+    let misses = greedy_misses(m);
+    eprintln!("exact numerics: {} misses {misses:?}", misses.len());
 }
 
 fn check_perplexity(stem: &str) {

@@ -22,6 +22,7 @@ use meswitch_reference::container::BaseIdentity;
 
 use super::experts::{Expert, ExpertMatrix, ExpertParser};
 use super::linear::{multi_expert_linear, ExpertLinear};
+use super::numerics::{attention_llama_cpp, round_f16, round_q8_rows, Numerics};
 use super::ops::{attention, rms_norm, rope, rope_inv_freq, swiglu, AttnShape, Query};
 use super::weights::{Matrix, Proj, WeightSource, Weights};
 use super::{Backend, ExpertId, LogitsWanted, ModelConfig, ModelError, SeqStep};
@@ -71,6 +72,7 @@ pub struct CpuBackend {
     shapes: BTreeMap<String, Vec<usize>>,
     inv_freq: Vec<f64>,
     max_context: usize,
+    numerics: Numerics,
 }
 
 impl CpuBackend {
@@ -87,6 +89,7 @@ impl CpuBackend {
             config,
             weights,
             experts: Vec::new(),
+            numerics: Numerics::default(),
         })
     }
 
@@ -104,6 +107,16 @@ impl CpuBackend {
 
     pub fn set_max_context(&mut self, n: usize) {
         self.max_context = n;
+    }
+
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
+    }
+
+    /// Chooses how activations are rounded (see [`Numerics`]). Caches made
+    /// under one setting should not be continued under another.
+    pub fn set_numerics(&mut self, numerics: Numerics) {
+        self.numerics = numerics;
     }
 
     /// Reads an expert file, checks it against this base and adds it.
@@ -151,7 +164,13 @@ impl CpuBackend {
             })
             .collect();
         let mut y = vec![0f32; rows.len() * base.out_features];
-        multi_expert_linear(&base.view(), &list, x, &row_expert, &mut y)?;
+        if self.numerics == Numerics::LlamaCpp {
+            let mut xq = x.to_vec();
+            round_q8_rows(&mut xq, base.in_features);
+            multi_expert_linear(&base.view(), &list, &xq, &row_expert, &mut y)?;
+        } else {
+            multi_expert_linear(&base.view(), &list, x, &row_expert, &mut y)?;
+        }
         Ok(y)
     }
 
@@ -268,7 +287,7 @@ impl CpuBackend {
             );
             let mut q = self.linear(&lw.proj[Proj::Q.index()], proj(Proj::Q), &x, &rows)?;
             let mut k = self.linear(&lw.proj[Proj::K.index()], proj(Proj::K), &x, &rows)?;
-            let v = self.linear(&lw.proj[Proj::V.index()], proj(Proj::V), &x, &rows)?;
+            let mut v = self.linear(&lw.proj[Proj::V.index()], proj(Proj::V), &x, &rows)?;
             for (t, &pos) in row_pos.iter().enumerate() {
                 rope(
                     &mut q[t * q_dim..(t + 1) * q_dim],
@@ -282,6 +301,12 @@ impl CpuBackend {
                     pos,
                     &self.inv_freq,
                 );
+            }
+            let llama_cpp = self.numerics == Numerics::LlamaCpp;
+            if llama_cpp {
+                // llama.cpp's FP16 KV cache.
+                round_f16(&mut k);
+                round_f16(&mut v);
             }
             for (t, &s) in row_seq.iter().enumerate() {
                 let cache = &mut *batch[s].cache;
@@ -303,7 +328,11 @@ impl CpuBackend {
                 })
                 .collect();
             let mut attn = vec![0f32; n * q_dim];
-            attention(attn_shape, &q, &queries, &mut attn);
+            if llama_cpp {
+                attention_llama_cpp(attn_shape, &q, &queries, &mut attn);
+            } else {
+                attention(attn_shape, &q, &queries, &mut attn);
+            }
             drop(queries);
             let o = self.linear(&lw.proj[Proj::O.index()], proj(Proj::O), &attn, &rows)?;
             add_in_place(&mut h, &o);

@@ -20,6 +20,7 @@ pub mod experts;
 mod kernels;
 pub mod linear;
 pub mod load;
+pub mod numerics;
 mod ops;
 pub mod weights;
 
@@ -29,6 +30,7 @@ pub use config::ModelConfig;
 pub use cpu::{CpuBackend, KvCache};
 pub use experts::{Expert, ExpertParser};
 pub use load::{load_cpu, LoadedModel};
+pub use numerics::Numerics;
 pub use weights::{GgufSource, MemorySource, WeightSource, Weights};
 
 #[derive(Debug, Error)]
