@@ -45,6 +45,9 @@ pub enum OpsError {
     Shape(#[from] ShapeError),
     #[error(transparent)]
     Delta(#[from] DeltaError),
+    /// An invalid input to a layer kernel (token, position, cache, shape).
+    #[error(transparent)]
+    Layer(#[from] crate::layers::LayerError),
     /// A valid input that the compiled kernel variants do not cover.
     #[error("unsupported by the CUDA kernels: {0}")]
     Unsupported(String),

@@ -8,6 +8,8 @@
 //!   and device-resident variants for the runtime;
 //! - [`backend`]: one signature over the reference or CUDA, falling back to
 //!   the reference when there is no device;
+//! - [`layers`]: RMSNorm, RoPE, SwiGLU, residual, embedding, KV cache and
+//!   attention kernels (layout of the device KV cache there);
 //! - [`blas`], [`timing`]: cuBLAS products and event timing (runtime, benches).
 
 pub mod backend;
@@ -17,6 +19,8 @@ pub mod device;
 pub mod error;
 pub mod gemv;
 mod launch;
+mod launch_layers;
+pub mod layers;
 mod plan;
 pub mod timing;
 

@@ -125,10 +125,122 @@ typedef struct MeswitchDequantParams {
     uint32_t reserved;
 } MeswitchDequantParams;
 
+/* ---- transformer layer kernels (norm.cu, rope.cu, activation.cu, attention.cu)
+ * FP16 storage, f32 math. Every kernel reads and writes only the rows/elements
+ * its params name; the launcher checks lengths before launching. */
+
+/* Threads of a row-wise layer kernel (rms_norm, rope, embed, kv_append): one
+ * block per row, threads stride over the row's columns. */
+#define MESWITCH_ROW_THREADS 256u
+/* Elementwise kernels (swiglu, add_residual): threads per block; the grid is
+ * ceil(n / MESWITCH_ELEMENTWISE_THREADS) blocks, capped at
+ * MESWITCH_ELEMENTWISE_MAX_BLOCKS (the kernels loop over the rest). */
+#define MESWITCH_ELEMENTWISE_THREADS 256u
+#define MESWITCH_ELEMENTWISE_MAX_BLOCKS 65535u
+/* Attention: one block per (query head, row), grid = (n_heads, rows). Its
+ * MESWITCH_ATTN_WARPS warps take the row's key positions round-robin, each
+ * keeping an online-softmax state, merged through shared memory at the end. */
+#define MESWITCH_ATTN_WARPS 4u
+#define MESWITCH_ATTN_THREADS (MESWITCH_ATTN_WARPS * 32u)
+/* Largest head_dim the attention kernel holds in registers (each lane holds
+ * head_dim / 64 half2 pairs of q and of the accumulator). head_dim must be even. */
+#define MESWITCH_ATTN_MAX_HEAD_DIM 256u
+/* Grid y (rows of one launch) is limited by CUDA to 65535. */
+#define MESWITCH_MAX_GRID_Y 65535u
+/* sliding_window value for "no window". */
+#define MESWITCH_NO_WINDOW 0u
+
+/* rms_norm: y[r,:] = x[r,:] / sqrt(mean(x[r,:]^2) + eps) * weight, one block per row. */
+typedef struct MeswitchRmsNormParams {
+    uint64_t x;            /* const float  [rows][n]                          */
+    uint64_t weight;       /* const float  [n]                                */
+    uint64_t y;            /* __half       [rows][n]                          */
+    uint32_t rows;
+    uint32_t n;
+    float eps;
+    uint32_t reserved;
+} MeswitchRmsNormParams;
+
+/* rope: in place, HF rotate-half pairing (i, i + head_dim/2) in every head.
+ * positions[r] >= max_positions: the row is set to NaN (never read out of the
+ * tables); the launcher's callers validate positions on the host. */
+typedef struct MeswitchRopeParams {
+    uint64_t x;            /* __half [rows][n_heads * head_dim]               */
+    uint64_t positions;    /* const uint32_t [rows]                           */
+    uint64_t cos;          /* const float [max_positions][head_dim / 2]       */
+    uint64_t sin;          /* const float [max_positions][head_dim / 2]       */
+    uint32_t rows;
+    uint32_t n_heads;
+    uint32_t head_dim;     /* even                                            */
+    uint32_t max_positions;
+} MeswitchRopeParams;
+
+/* swiglu: out[i] = silu(gate[i]) * up[i];  add_residual: h[i] += y[i]. */
+typedef struct MeswitchElementwiseParams {
+    uint64_t a;            /* swiglu: const __half gate[n]; add_residual: float h[n] */
+    uint64_t b;            /* swiglu: const __half up[n];   add_residual: const __half y[n] */
+    uint64_t out;          /* swiglu: __half out[n];        add_residual: unused (0) */
+    uint32_t n;
+    uint32_t reserved;
+} MeswitchElementwiseParams;
+
+/* embed: out[r,:] = float(table[tokens[r],:]); tokens[r] >= vocab: row set to NaN. */
+typedef struct MeswitchEmbedParams {
+    uint64_t table;        /* const __half [vocab][hidden]                    */
+    uint64_t tokens;       /* const uint32_t [rows]                           */
+    uint64_t out;          /* float [rows][hidden]                            */
+    uint32_t rows;
+    uint32_t hidden;
+    uint32_t vocab;
+    uint32_t reserved;
+} MeswitchEmbedParams;
+
+/* One query row of an attention step: where its sequence's cache lives and
+ * which position the row is. A cache is [n_layers][2 (K, V)][capacity][kv_dim]
+ * __half; row r's key at layer l, position p is at
+ *   kv + ((l * 2 + 0) * capacity + p) * kv_dim   (value: + 1 instead of + 0). */
+typedef struct MeswitchAttnRow {
+    uint64_t kv;           /* __half cache of the row's sequence              */
+    uint32_t capacity;     /* positions the cache holds; pos < capacity       */
+    uint32_t pos;
+} MeswitchAttnRow;
+
+/* kv_append: writes k[r,:], v[r,:] at (layer, rows[r].pos) of rows[r]'s cache. */
+typedef struct MeswitchKvAppendParams {
+    uint64_t k;            /* const __half [n_rows][kv_dim]                   */
+    uint64_t v;            /* const __half [n_rows][kv_dim]                   */
+    uint64_t rows;         /* const MeswitchAttnRow [n_rows]                  */
+    uint32_t n_rows;
+    uint32_t kv_dim;
+    uint32_t layer;
+    uint32_t reserved;
+} MeswitchKvAppendParams;
+
+/* attention: out[r, h*d..(h+1)*d] = softmax(q_h · K[lo..=pos]^T / sqrt(d)) · V[lo..=pos],
+ * K, V of KV head h / (n_heads / n_kv_heads) at `layer` of rows[r]'s cache,
+ * lo = pos + 1 - sliding_window clamped at 0 (0 with MESWITCH_NO_WINDOW). */
+typedef struct MeswitchAttentionParams {
+    uint64_t q;            /* const __half [n_rows][n_heads * head_dim]       */
+    uint64_t rows;         /* const MeswitchAttnRow [n_rows]                  */
+    uint64_t out;          /* __half [n_rows][n_heads * head_dim]             */
+    uint32_t n_rows;
+    uint32_t n_heads;
+    uint32_t n_kv_heads;   /* divides n_heads                                 */
+    uint32_t head_dim;     /* even, <= MESWITCH_ATTN_MAX_HEAD_DIM             */
+    uint32_t layer;
+    uint32_t sliding_window; /* MESWITCH_NO_WINDOW or the window              */
+    float scale;           /* 1 / sqrt(head_dim)                              */
+    uint32_t reserved;
+} MeswitchAttentionParams;
+
 /* ---- kernel entry points ---------------------------------------------------
  * Module "multi_expert_gemv": meswitch_multi_expert_gemv_b{1,2,4}_g{32,64,128,row}
  * Module "delta_gemv":        meswitch_delta_gemv_b{1,2,4}_g{32,64,128,row}
  * Module "dequantize":        meswitch_dequantize_b{1,2,4}
+ * Module "norm":              meswitch_rms_norm
+ * Module "rope":              meswitch_rope
+ * Module "activation":        meswitch_swiglu, meswitch_add_residual, meswitch_embed
+ * Module "attention":         meswitch_kv_append, meswitch_attention
  * (extern "C", so the names are unmangled.) The macros build a name from the
  * variant's tokens, e.g. MESWITCH_GEMV_NAME(4, 128) = "meswitch_multi_expert_gemv_b4_g128",
  * MESWITCH_DELTA_GEMV_NAME(2, row) = "meswitch_delta_gemv_b2_grow". */
@@ -140,6 +252,10 @@ typedef struct MeswitchDequantParams {
 #define MESWITCH_MODULE_MULTI_EXPERT_GEMV "multi_expert_gemv"
 #define MESWITCH_MODULE_DELTA_GEMV "delta_gemv"
 #define MESWITCH_MODULE_DEQUANTIZE "dequantize"
+#define MESWITCH_MODULE_NORM "norm"
+#define MESWITCH_MODULE_ROPE "rope"
+#define MESWITCH_MODULE_ACTIVATION "activation"
+#define MESWITCH_MODULE_ATTENTION "attention"
 #define MESWITCH_GEMV_PREFIX "meswitch_multi_expert_gemv_"
 #define MESWITCH_DELTA_GEMV_PREFIX "meswitch_delta_gemv_"
 #define MESWITCH_DEQUANT_PREFIX "meswitch_dequantize_"

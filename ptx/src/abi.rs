@@ -20,9 +20,21 @@ pub const MESWITCH_GEMV_THREADS: u32 = 256;
 pub const MESWITCH_GEMV_K_CHUNK: u32 = 128;
 pub const MESWITCH_GEMV_MAX_TILES: u32 = 8;
 pub const MESWITCH_DEQUANT_THREADS: u32 = 256;
+pub const MESWITCH_ROW_THREADS: u32 = 256;
+pub const MESWITCH_ELEMENTWISE_THREADS: u32 = 256;
+pub const MESWITCH_ELEMENTWISE_MAX_BLOCKS: u32 = 65535;
+pub const MESWITCH_ATTN_WARPS: u32 = 4;
+pub const MESWITCH_ATTN_THREADS: u32 = 128;
+pub const MESWITCH_ATTN_MAX_HEAD_DIM: u32 = 256;
+pub const MESWITCH_MAX_GRID_Y: u32 = 65535;
+pub const MESWITCH_NO_WINDOW: u32 = 0;
 pub const MESWITCH_MODULE_MULTI_EXPERT_GEMV: &[u8; 18] = b"multi_expert_gemv\0";
 pub const MESWITCH_MODULE_DELTA_GEMV: &[u8; 11] = b"delta_gemv\0";
 pub const MESWITCH_MODULE_DEQUANTIZE: &[u8; 11] = b"dequantize\0";
+pub const MESWITCH_MODULE_NORM: &[u8; 5] = b"norm\0";
+pub const MESWITCH_MODULE_ROPE: &[u8; 5] = b"rope\0";
+pub const MESWITCH_MODULE_ACTIVATION: &[u8; 11] = b"activation\0";
+pub const MESWITCH_MODULE_ATTENTION: &[u8; 10] = b"attention\0";
 pub const MESWITCH_GEMV_PREFIX: &[u8; 28] = b"meswitch_multi_expert_gemv_\0";
 pub const MESWITCH_DELTA_GEMV_PREFIX: &[u8; 21] = b"meswitch_delta_gemv_\0";
 pub const MESWITCH_DEQUANT_PREFIX: &[u8; 21] = b"meswitch_dequantize_\0";
@@ -122,4 +134,215 @@ const _: () = {
         [::std::mem::offset_of!(MeswitchDequantParams, group_size) - 72usize];
     ["Offset of field: MeswitchDequantParams::reserved"]
         [::std::mem::offset_of!(MeswitchDequantParams, reserved) - 76usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MeswitchRmsNormParams {
+    pub x: u64,
+    pub weight: u64,
+    pub y: u64,
+    pub rows: u32,
+    pub n: u32,
+    pub eps: f32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MeswitchRmsNormParams"][::std::mem::size_of::<MeswitchRmsNormParams>() - 40usize];
+    ["Alignment of MeswitchRmsNormParams"]
+        [::std::mem::align_of::<MeswitchRmsNormParams>() - 8usize];
+    ["Offset of field: MeswitchRmsNormParams::x"]
+        [::std::mem::offset_of!(MeswitchRmsNormParams, x) - 0usize];
+    ["Offset of field: MeswitchRmsNormParams::weight"]
+        [::std::mem::offset_of!(MeswitchRmsNormParams, weight) - 8usize];
+    ["Offset of field: MeswitchRmsNormParams::y"]
+        [::std::mem::offset_of!(MeswitchRmsNormParams, y) - 16usize];
+    ["Offset of field: MeswitchRmsNormParams::rows"]
+        [::std::mem::offset_of!(MeswitchRmsNormParams, rows) - 24usize];
+    ["Offset of field: MeswitchRmsNormParams::n"]
+        [::std::mem::offset_of!(MeswitchRmsNormParams, n) - 28usize];
+    ["Offset of field: MeswitchRmsNormParams::eps"]
+        [::std::mem::offset_of!(MeswitchRmsNormParams, eps) - 32usize];
+    ["Offset of field: MeswitchRmsNormParams::reserved"]
+        [::std::mem::offset_of!(MeswitchRmsNormParams, reserved) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MeswitchRopeParams {
+    pub x: u64,
+    pub positions: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub rows: u32,
+    pub n_heads: u32,
+    pub head_dim: u32,
+    pub max_positions: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MeswitchRopeParams"][::std::mem::size_of::<MeswitchRopeParams>() - 48usize];
+    ["Alignment of MeswitchRopeParams"][::std::mem::align_of::<MeswitchRopeParams>() - 8usize];
+    ["Offset of field: MeswitchRopeParams::x"]
+        [::std::mem::offset_of!(MeswitchRopeParams, x) - 0usize];
+    ["Offset of field: MeswitchRopeParams::positions"]
+        [::std::mem::offset_of!(MeswitchRopeParams, positions) - 8usize];
+    ["Offset of field: MeswitchRopeParams::cos"]
+        [::std::mem::offset_of!(MeswitchRopeParams, cos) - 16usize];
+    ["Offset of field: MeswitchRopeParams::sin"]
+        [::std::mem::offset_of!(MeswitchRopeParams, sin) - 24usize];
+    ["Offset of field: MeswitchRopeParams::rows"]
+        [::std::mem::offset_of!(MeswitchRopeParams, rows) - 32usize];
+    ["Offset of field: MeswitchRopeParams::n_heads"]
+        [::std::mem::offset_of!(MeswitchRopeParams, n_heads) - 36usize];
+    ["Offset of field: MeswitchRopeParams::head_dim"]
+        [::std::mem::offset_of!(MeswitchRopeParams, head_dim) - 40usize];
+    ["Offset of field: MeswitchRopeParams::max_positions"]
+        [::std::mem::offset_of!(MeswitchRopeParams, max_positions) - 44usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MeswitchElementwiseParams {
+    pub a: u64,
+    pub b: u64,
+    pub out: u64,
+    pub n: u32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MeswitchElementwiseParams"]
+        [::std::mem::size_of::<MeswitchElementwiseParams>() - 32usize];
+    ["Alignment of MeswitchElementwiseParams"]
+        [::std::mem::align_of::<MeswitchElementwiseParams>() - 8usize];
+    ["Offset of field: MeswitchElementwiseParams::a"]
+        [::std::mem::offset_of!(MeswitchElementwiseParams, a) - 0usize];
+    ["Offset of field: MeswitchElementwiseParams::b"]
+        [::std::mem::offset_of!(MeswitchElementwiseParams, b) - 8usize];
+    ["Offset of field: MeswitchElementwiseParams::out"]
+        [::std::mem::offset_of!(MeswitchElementwiseParams, out) - 16usize];
+    ["Offset of field: MeswitchElementwiseParams::n"]
+        [::std::mem::offset_of!(MeswitchElementwiseParams, n) - 24usize];
+    ["Offset of field: MeswitchElementwiseParams::reserved"]
+        [::std::mem::offset_of!(MeswitchElementwiseParams, reserved) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MeswitchEmbedParams {
+    pub table: u64,
+    pub tokens: u64,
+    pub out: u64,
+    pub rows: u32,
+    pub hidden: u32,
+    pub vocab: u32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MeswitchEmbedParams"][::std::mem::size_of::<MeswitchEmbedParams>() - 40usize];
+    ["Alignment of MeswitchEmbedParams"][::std::mem::align_of::<MeswitchEmbedParams>() - 8usize];
+    ["Offset of field: MeswitchEmbedParams::table"]
+        [::std::mem::offset_of!(MeswitchEmbedParams, table) - 0usize];
+    ["Offset of field: MeswitchEmbedParams::tokens"]
+        [::std::mem::offset_of!(MeswitchEmbedParams, tokens) - 8usize];
+    ["Offset of field: MeswitchEmbedParams::out"]
+        [::std::mem::offset_of!(MeswitchEmbedParams, out) - 16usize];
+    ["Offset of field: MeswitchEmbedParams::rows"]
+        [::std::mem::offset_of!(MeswitchEmbedParams, rows) - 24usize];
+    ["Offset of field: MeswitchEmbedParams::hidden"]
+        [::std::mem::offset_of!(MeswitchEmbedParams, hidden) - 28usize];
+    ["Offset of field: MeswitchEmbedParams::vocab"]
+        [::std::mem::offset_of!(MeswitchEmbedParams, vocab) - 32usize];
+    ["Offset of field: MeswitchEmbedParams::reserved"]
+        [::std::mem::offset_of!(MeswitchEmbedParams, reserved) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MeswitchAttnRow {
+    pub kv: u64,
+    pub capacity: u32,
+    pub pos: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MeswitchAttnRow"][::std::mem::size_of::<MeswitchAttnRow>() - 16usize];
+    ["Alignment of MeswitchAttnRow"][::std::mem::align_of::<MeswitchAttnRow>() - 8usize];
+    ["Offset of field: MeswitchAttnRow::kv"][::std::mem::offset_of!(MeswitchAttnRow, kv) - 0usize];
+    ["Offset of field: MeswitchAttnRow::capacity"]
+        [::std::mem::offset_of!(MeswitchAttnRow, capacity) - 8usize];
+    ["Offset of field: MeswitchAttnRow::pos"]
+        [::std::mem::offset_of!(MeswitchAttnRow, pos) - 12usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct MeswitchKvAppendParams {
+    pub k: u64,
+    pub v: u64,
+    pub rows: u64,
+    pub n_rows: u32,
+    pub kv_dim: u32,
+    pub layer: u32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MeswitchKvAppendParams"][::std::mem::size_of::<MeswitchKvAppendParams>() - 40usize];
+    ["Alignment of MeswitchKvAppendParams"]
+        [::std::mem::align_of::<MeswitchKvAppendParams>() - 8usize];
+    ["Offset of field: MeswitchKvAppendParams::k"]
+        [::std::mem::offset_of!(MeswitchKvAppendParams, k) - 0usize];
+    ["Offset of field: MeswitchKvAppendParams::v"]
+        [::std::mem::offset_of!(MeswitchKvAppendParams, v) - 8usize];
+    ["Offset of field: MeswitchKvAppendParams::rows"]
+        [::std::mem::offset_of!(MeswitchKvAppendParams, rows) - 16usize];
+    ["Offset of field: MeswitchKvAppendParams::n_rows"]
+        [::std::mem::offset_of!(MeswitchKvAppendParams, n_rows) - 24usize];
+    ["Offset of field: MeswitchKvAppendParams::kv_dim"]
+        [::std::mem::offset_of!(MeswitchKvAppendParams, kv_dim) - 28usize];
+    ["Offset of field: MeswitchKvAppendParams::layer"]
+        [::std::mem::offset_of!(MeswitchKvAppendParams, layer) - 32usize];
+    ["Offset of field: MeswitchKvAppendParams::reserved"]
+        [::std::mem::offset_of!(MeswitchKvAppendParams, reserved) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct MeswitchAttentionParams {
+    pub q: u64,
+    pub rows: u64,
+    pub out: u64,
+    pub n_rows: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub layer: u32,
+    pub sliding_window: u32,
+    pub scale: f32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MeswitchAttentionParams"][::std::mem::size_of::<MeswitchAttentionParams>() - 56usize];
+    ["Alignment of MeswitchAttentionParams"]
+        [::std::mem::align_of::<MeswitchAttentionParams>() - 8usize];
+    ["Offset of field: MeswitchAttentionParams::q"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, q) - 0usize];
+    ["Offset of field: MeswitchAttentionParams::rows"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, rows) - 8usize];
+    ["Offset of field: MeswitchAttentionParams::out"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, out) - 16usize];
+    ["Offset of field: MeswitchAttentionParams::n_rows"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, n_rows) - 24usize];
+    ["Offset of field: MeswitchAttentionParams::n_heads"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, n_heads) - 28usize];
+    ["Offset of field: MeswitchAttentionParams::n_kv_heads"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, n_kv_heads) - 32usize];
+    ["Offset of field: MeswitchAttentionParams::head_dim"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, head_dim) - 36usize];
+    ["Offset of field: MeswitchAttentionParams::layer"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, layer) - 40usize];
+    ["Offset of field: MeswitchAttentionParams::sliding_window"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, sliding_window) - 44usize];
+    ["Offset of field: MeswitchAttentionParams::scale"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, scale) - 48usize];
+    ["Offset of field: MeswitchAttentionParams::reserved"]
+        [::std::mem::offset_of!(MeswitchAttentionParams, reserved) - 52usize];
 };
