@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod experts;
 mod kernels;
 pub mod linear;
@@ -65,6 +66,12 @@ pub enum ModelError {
     LayerRange { layer: usize, n_layers: usize },
     #[error("linear op: {0}")]
     Shape(#[from] meswitch_reference::ShapeError),
+    /// No usable CUDA device (the CUDA backend cannot start; fall back to CPU).
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    /// A CUDA driver, cuBLAS or kernel failure after the device was found.
+    #[error("CUDA backend: {0}")]
+    Device(String),
 }
 
 /// Index of an expert loaded into a backend.

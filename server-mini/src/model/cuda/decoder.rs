@@ -1,0 +1,495 @@
+//! The step itself: rows on the host, the decoder layers on the device
+//! (the drawing is in the module docs of [`super`]), the head, and the
+//! router's hidden states.
+
+use half::f16;
+use meswitch_ops::layers::{
+    add_residual_device, attention_device, embed_device, kv_append_device, rms_norm_device,
+    rope_device, swiglu_device, AttnRows, DeviceKv,
+};
+use meswitch_ops::{DeviceBase, DeviceSlice};
+
+/// A device array (cudarc's `CudaSlice`, as meswitch-ops names it).
+type CudaSlice<T> = DeviceSlice<T>;
+use meswitch_reference::layers::{rms_norm, AttnShape};
+
+use super::linear::{multi_expert_linear, runs, RowMaps};
+use super::weights::{expert_embed_row, DeviceExpert, DeviceMatrix};
+use super::{device_err, CudaBackend, CudaCache};
+use crate::model::experts::Expert;
+use crate::model::weights::Proj;
+use crate::model::{ExpertId, LogitsWanted, ModelError, SeqStep};
+
+/// The step's rows, on the host:
+///
+/// ```text
+///   rows:     | seq 0: t0 t1 t2 (prefill) | seq 1: t (decode) | seq 2: t |
+///   seq_pos:    (0,5) (0,6) (0,7)          (1,12)              (2,3)
+///   slot:       0     0     0              None                1        (index into `active`)
+/// ```
+pub(super) struct StepRows {
+    pub tokens: Vec<u32>,
+    /// (index of the row's sequence in the step = index of its cache, position)
+    pub seq_pos: Vec<(usize, usize)>,
+    pub slot: Vec<Option<usize>>,
+    /// Distinct experts of the step, in order of first use.
+    pub active: Vec<ExpertId>,
+}
+
+impl StepRows {
+    /// From each sequence's (new tokens, cache length, expert).
+    pub fn new<'t>(seqs: impl Iterator<Item = (&'t [u32], usize, Option<ExpertId>)>) -> StepRows {
+        let mut rows = StepRows {
+            tokens: Vec::new(),
+            seq_pos: Vec::new(),
+            slot: Vec::new(),
+            active: Vec::new(),
+        };
+        for (s, (tokens, len, expert)) in seqs.enumerate() {
+            let slot = expert.map(|id| match rows.active.iter().position(|&a| a == id) {
+                Some(k) => k,
+                None => {
+                    rows.active.push(id);
+                    rows.active.len() - 1
+                }
+            });
+            for (i, &t) in tokens.iter().enumerate() {
+                rows.tokens.push(t);
+                rows.seq_pos.push((s, len + i));
+                rows.slot.push(slot);
+            }
+        }
+        rows
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+fn alloc_failed(what: &str, len: usize, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Device(format!("allocating {what} ({len} elements): {e}"))
+}
+
+fn zeros_f32(b: &CudaBackend, len: usize, what: &str) -> Result<CudaSlice<f32>, ModelError> {
+    b.gpu
+        .stream()
+        .alloc_zeros::<f32>(len)
+        .map_err(|e| alloc_failed(what, len, e))
+}
+
+fn zeros_f16(b: &CudaBackend, len: usize, what: &str) -> Result<CudaSlice<f16>, ModelError> {
+    b.gpu
+        .stream()
+        .alloc_zeros::<f16>(len)
+        .map_err(|e| alloc_failed(what, len, e))
+}
+
+/// Copies rows `[a, b)` of `src` to rows starting at `dst_row` of `dst`
+/// (both `[_, width]`), on the stream.
+fn copy_rows<T>(
+    b: &CudaBackend,
+    src: &CudaSlice<T>,
+    (a, e): (usize, usize),
+    dst: &mut CudaSlice<T>,
+    dst_row: usize,
+    width: usize,
+) -> Result<(), ModelError> {
+    let n = e - a;
+    let s = src
+        .try_slice(a * width..e * width)
+        .ok_or_else(|| ModelError::Device(format!("source rows {a}..{e} out of range")))?;
+    let mut d = dst
+        .try_slice_mut(dst_row * width..(dst_row + n) * width)
+        .ok_or_else(|| ModelError::Device(format!("target rows {dst_row}+{n} out of range")))?;
+    b.gpu
+        .stream()
+        .memcpy_dtod(&s, &mut d)
+        .map_err(|e| ModelError::Device(format!("device row copy: {e}")))
+}
+
+/// Per-step activation buffers, reused by every layer.
+struct Buffers {
+    x: CudaSlice<f16>,
+    q: CudaSlice<f16>,
+    k: CudaSlice<f16>,
+    v: CudaSlice<f16>,
+    attn: CudaSlice<f16>,
+    /// Output of o_proj and of down_proj, `[rows, hidden]`.
+    o: CudaSlice<f16>,
+    gate: CudaSlice<f16>,
+    up: CudaSlice<f16>,
+    act: CudaSlice<f16>,
+    /// Norm output under an expert's own norm weight (allocated on demand).
+    norm_tmp: Option<CudaSlice<f16>>,
+}
+
+/// A step's experts, host and device copies, indexed by slot.
+type Experts<'a> = Vec<(&'a Expert, &'a DeviceExpert)>;
+
+impl CudaBackend {
+    fn step_experts(&self, rows: &StepRows) -> Result<Experts<'_>, ModelError> {
+        rows.active.iter().map(|&id| self.slot(id)).collect()
+    }
+
+    /// `x = rms_norm(h)` per row, with the base weight or, for rows of an
+    /// expert that has its own, that expert's: all rows under the base
+    /// weight, then each such expert's rows from one more launch.
+    #[allow(clippy::too_many_arguments)]
+    fn norm(
+        &self,
+        h: &CudaSlice<f32>,
+        base_w: &DeviceSlice<f32>,
+        per_slot: &[Option<&DeviceSlice<f32>>],
+        slot: &[Option<usize>],
+        x: &mut CudaSlice<f16>,
+        tmp: &mut Option<CudaSlice<f16>>,
+    ) -> Result<(), ModelError> {
+        let (gpu, n, hd) = (&self.gpu, slot.len(), self.config.hidden_size);
+        let eps = self.config.rms_norm_eps;
+        rms_norm_device(gpu, h, base_w, eps, n, x).map_err(|e| device_err("RMSNorm", e))?;
+        for (s, w) in per_slot.iter().enumerate() {
+            let Some(w) = w else { continue };
+            let t = match tmp {
+                Some(t) => t,
+                None => tmp.insert(zeros_f16(self, x.len(), "norm scratch")?),
+            };
+            rms_norm_device(gpu, h, w, eps, n, t).map_err(|e| device_err("RMSNorm", e))?;
+            for run in runs(slot, s) {
+                copy_rows(self, t, run, x, run.0, hd)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn linear(
+        &self,
+        base: &DeviceBase,
+        mats: &[Option<&DeviceMatrix>],
+        slot: &[Option<usize>],
+        x: &CudaSlice<f16>,
+        y: &mut CudaSlice<f16>,
+        maps: &mut RowMaps,
+    ) -> Result<(), ModelError> {
+        multi_expert_linear(&self.gpu, base, mats, slot, x, y, maps)
+    }
+
+    /// `h [rows, hidden]` f32 = the step's embeddings: the base table on the
+    /// device, then rows of experts with their own embeddings built on the
+    /// host (base row + Δ̂ row, as the CPU backend) and copied over.
+    fn embed(&self, rows: &StepRows, experts: &Experts) -> Result<CudaSlice<f32>, ModelError> {
+        let c = &self.config;
+        let (hd, gpu) = (c.hidden_size, &self.gpu);
+        let mut h = zeros_f32(self, rows.len() * hd, "residual stream")?;
+        let table = &self.weights.embed;
+        embed_device(gpu, &table.weights, c.vocab_size, hd, &rows.tokens, &mut h)
+            .map_err(|e| device_err("embedding lookup", e))?;
+        let mut row = vec![0f32; hd];
+        for (r, (&tok, slot)) in rows.tokens.iter().zip(&rows.slot).enumerate() {
+            let Some(m) = slot.and_then(|s| experts[s].0.embed.as_ref()) else {
+                continue;
+            };
+            let tok = tok as usize;
+            let base_row =
+                table
+                    .weights
+                    .try_slice(tok * hd..(tok + 1) * hd)
+                    .ok_or(ModelError::Token {
+                        token: tok as u32,
+                        vocab: c.vocab_size,
+                    })?;
+            let base_row = gpu
+                .stream()
+                .clone_dtoh(&base_row)
+                .map_err(|e| ModelError::Device(format!("reading an embedding row: {e}")))?;
+            expert_embed_row(m, tok, &base_row, &mut row)?;
+            let mut dst = h
+                .try_slice_mut(r * hd..(r + 1) * hd)
+                .ok_or_else(|| ModelError::Device(format!("row {r} outside the step")))?;
+            gpu.stream()
+                .memcpy_htod(&row, &mut dst)
+                .map_err(|e| ModelError::Device(format!("writing an embedding row: {e}")))?;
+        }
+        Ok(h)
+    }
+
+    /// Embeds the step's rows and runs the first `n_layers` decoder layers,
+    /// appending every row's K/V to `caches[seq]` (which must have room,
+    /// see [`CudaCache::reserve`]); returns `h`.
+    pub(super) fn run_decoder(
+        &self,
+        rows: &StepRows,
+        caches: &[&DeviceKv],
+        n_layers: usize,
+    ) -> Result<CudaSlice<f32>, ModelError> {
+        let c = &self.config;
+        let gpu = &self.gpu;
+        let n = rows.len();
+        let (hd, q_dim, kv_dim, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let experts = self.step_experts(rows)?;
+        let mut h = self.embed(rows, &experts)?;
+
+        let attn_rows = AttnRows::upload(gpu, caches, &rows.seq_pos)
+            .map_err(|e| device_err("uploading attention rows", e))?;
+        let shape = AttnShape {
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            sliding_window: c.sliding_window,
+        };
+        let mut b = Buffers {
+            x: zeros_f16(self, n * hd, "normed activations")?,
+            q: zeros_f16(self, n * q_dim, "queries")?,
+            k: zeros_f16(self, n * kv_dim, "keys")?,
+            v: zeros_f16(self, n * kv_dim, "values")?,
+            attn: zeros_f16(self, n * q_dim, "attention output")?,
+            o: zeros_f16(self, n * hd, "projection output")?,
+            gate: zeros_f16(self, n * ffn, "gate")?,
+            up: zeros_f16(self, n * ffn, "up")?,
+            act: zeros_f16(self, n * ffn, "SwiGLU output")?,
+            norm_tmp: None,
+        };
+        let mut maps = RowMaps::default();
+        let slot = &rows.slot;
+        for (l, lw) in self.weights.layers.iter().enumerate().take(n_layers) {
+            let mats = |p: Proj| -> Vec<Option<&DeviceMatrix>> {
+                experts
+                    .iter()
+                    .map(|e| e.1.layers.get(l).and_then(|x| x.proj[p.index()].as_ref()))
+                    .collect()
+            };
+            let input_norms: Vec<_> = experts
+                .iter()
+                .map(|e| e.1.layers.get(l).and_then(|x| x.input_norm.as_ref()))
+                .collect();
+            let post_norms: Vec<_> = experts
+                .iter()
+                .map(|e| e.1.layers.get(l).and_then(|x| x.post_norm.as_ref()))
+                .collect();
+            let proj = |p: Proj| &lw.proj[p.index()];
+
+            self.norm(
+                &h,
+                &lw.input_norm,
+                &input_norms,
+                slot,
+                &mut b.x,
+                &mut b.norm_tmp,
+            )?;
+            self.linear(
+                proj(Proj::Q),
+                &mats(Proj::Q),
+                slot,
+                &b.x,
+                &mut b.q,
+                &mut maps,
+            )?;
+            self.linear(
+                proj(Proj::K),
+                &mats(Proj::K),
+                slot,
+                &b.x,
+                &mut b.k,
+                &mut maps,
+            )?;
+            self.linear(
+                proj(Proj::V),
+                &mats(Proj::V),
+                slot,
+                &b.x,
+                &mut b.v,
+                &mut maps,
+            )?;
+            rope_device(
+                gpu,
+                &self.rope,
+                &mut b.q,
+                n,
+                c.num_heads,
+                attn_rows.positions(),
+            )
+            .map_err(|e| device_err("RoPE on queries", e))?;
+            rope_device(
+                gpu,
+                &self.rope,
+                &mut b.k,
+                n,
+                c.num_kv_heads,
+                attn_rows.positions(),
+            )
+            .map_err(|e| device_err("RoPE on keys", e))?;
+            kv_append_device(gpu, l, &b.k, &b.v, &attn_rows)
+                .map_err(|e| device_err("KV append", e))?;
+            attention_device(gpu, shape, l, &b.q, &attn_rows, &mut b.attn)
+                .map_err(|e| device_err("attention", e))?;
+            self.linear(
+                proj(Proj::O),
+                &mats(Proj::O),
+                slot,
+                &b.attn,
+                &mut b.o,
+                &mut maps,
+            )?;
+            add_residual_device(gpu, &mut h, &b.o).map_err(|e| device_err("residual add", e))?;
+
+            self.norm(
+                &h,
+                &lw.post_norm,
+                &post_norms,
+                slot,
+                &mut b.x,
+                &mut b.norm_tmp,
+            )?;
+            self.linear(
+                proj(Proj::Gate),
+                &mats(Proj::Gate),
+                slot,
+                &b.x,
+                &mut b.gate,
+                &mut maps,
+            )?;
+            self.linear(
+                proj(Proj::Up),
+                &mats(Proj::Up),
+                slot,
+                &b.x,
+                &mut b.up,
+                &mut maps,
+            )?;
+            swiglu_device(gpu, &b.gate, &b.up, &mut b.act).map_err(|e| device_err("SwiGLU", e))?;
+            self.linear(
+                proj(Proj::Down),
+                &mats(Proj::Down),
+                slot,
+                &b.act,
+                &mut b.o,
+                &mut maps,
+            )?;
+            add_residual_device(gpu, &mut h, &b.o).map_err(|e| device_err("residual add", e))?;
+        }
+        Ok(h)
+    }
+
+    /// The whole step after validation and cache reservation: decoder, then
+    /// the head on the rows whose logits were asked for.
+    pub(super) fn forward_step(
+        &self,
+        batch: &[SeqStep<'_, CudaCache>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let c = &self.config;
+        let (hd, vocab) = (c.hidden_size, c.vocab_size);
+        let rows = StepRows::new(batch.iter().map(|s| (s.tokens, s.cache.len(), s.expert)));
+        let caches: Vec<&DeviceKv> = batch
+            .iter()
+            .map(|s| s.cache.device())
+            .collect::<Result<_, _>>()?;
+        let h = self.run_decoder(&rows, &caches, c.num_layers)?;
+
+        // Rows asked for: a contiguous tail of each sequence's rows.
+        let mut wanted = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        for s in batch {
+            let from = match s.logits {
+                LogitsWanted::Last => s.tokens.len() - 1,
+                LogitsWanted::From(f) => f,
+            };
+            wanted.push((start + from, start + s.tokens.len()));
+            start += s.tokens.len();
+        }
+        let picked: usize = wanted.iter().map(|(a, e)| e - a).sum();
+        let mut ph = zeros_f32(self, picked * hd, "picked rows")?;
+        let mut pslot = Vec::with_capacity(picked);
+        let mut dst = 0;
+        for &(a, e) in &wanted {
+            copy_rows(self, &h, (a, e), &mut ph, dst, hd)?;
+            pslot.extend_from_slice(&rows.slot[a..e]);
+            dst += e - a;
+        }
+        drop(h);
+
+        let experts = self.step_experts(&rows)?;
+        let norms: Vec<_> = experts.iter().map(|e| e.1.final_norm.as_ref()).collect();
+        let heads: Vec<_> = experts.iter().map(|e| e.1.lm_head.as_ref()).collect();
+        let mut x = zeros_f16(self, picked * hd, "normed head input")?;
+        let mut tmp = None;
+        self.norm(
+            &ph,
+            &self.weights.final_norm,
+            &norms,
+            &pslot,
+            &mut x,
+            &mut tmp,
+        )?;
+        let mut logits = zeros_f16(self, picked * vocab, "logits")?;
+        let mut maps = RowMaps::default();
+        self.linear(
+            self.weights.lm_head(),
+            &heads,
+            &pslot,
+            &x,
+            &mut logits,
+            &mut maps,
+        )?;
+        let logits = self
+            .gpu
+            .stream()
+            .clone_dtoh(&logits)
+            .map_err(|e| ModelError::Device(format!("reading the logits: {e}")))?;
+        if logits.len() < picked * vocab {
+            return Err(ModelError::Device(
+                "logits buffer shorter than asked".into(),
+            ));
+        }
+        let mut first = 0;
+        let out = wanted
+            .iter()
+            .map(|&(a, e)| {
+                let rows = &logits[first * vocab..(first + e - a) * vocab];
+                first += e - a;
+                rows.iter().map(|v| v.to_f32()).collect()
+            })
+            .collect();
+        Ok(out)
+    }
+
+    /// The router's features: base model only, a throw-away cache; see
+    /// [`crate::model::Backend::hidden_states`]. At `layer == n_layers` the
+    /// final RMSNorm is applied on the host in f32, as on the CPU.
+    pub(super) fn hidden_states_base(
+        &self,
+        tokens: &[u32],
+        layer: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        let c = &self.config;
+        let n_layers = c.num_layers;
+        if layer > n_layers {
+            return Err(ModelError::LayerRange { layer, n_layers });
+        }
+        let mut cache = CudaCache::default();
+        let batch = [SeqStep {
+            tokens,
+            cache: &mut cache,
+            expert: None,
+            logits: LogitsWanted::Last,
+        }];
+        self.validate(&batch)?;
+        cache.reserve(&self.gpu, self.geometry(), tokens.len())?;
+        let rows = StepRows::new(std::iter::once((tokens, 0, None)));
+        let h = self.run_decoder(&rows, &[cache.device()?], (layer + 1).min(n_layers))?;
+        let mut out = self
+            .gpu
+            .stream()
+            .clone_dtoh(&h)
+            .map_err(|e| ModelError::Device(format!("reading hidden states: {e}")))?;
+        out.truncate(tokens.len() * c.hidden_size);
+        if layer == n_layers {
+            let w = &self.weights.final_norm_host;
+            let mut y = vec![0f32; c.hidden_size];
+            for row in out.chunks_mut(c.hidden_size) {
+                rms_norm(row, w, c.rms_norm_eps, &mut y);
+                row.copy_from_slice(&y);
+            }
+        }
+        Ok(out)
+    }
+}
