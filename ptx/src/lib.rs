@@ -15,7 +15,17 @@ pub mod abi;
 // parameter; what the addresses point to is the launcher's responsibility.
 #[cfg(feature = "cudarc")]
 mod device_repr {
-    use crate::abi::{MeswitchDequantParams, MeswitchExpertDelta, MeswitchGemvParams};
+    use crate::abi::{
+        MeswitchAttentionParams, MeswitchDequantParams, MeswitchElementwiseParams,
+        MeswitchEmbedParams, MeswitchExpertDelta, MeswitchGemvParams, MeswitchKvAppendParams,
+        MeswitchRmsNormParams, MeswitchRopeParams,
+    };
+    unsafe impl cudarc::driver::DeviceRepr for MeswitchRmsNormParams {}
+    unsafe impl cudarc::driver::DeviceRepr for MeswitchRopeParams {}
+    unsafe impl cudarc::driver::DeviceRepr for MeswitchElementwiseParams {}
+    unsafe impl cudarc::driver::DeviceRepr for MeswitchEmbedParams {}
+    unsafe impl cudarc::driver::DeviceRepr for MeswitchKvAppendParams {}
+    unsafe impl cudarc::driver::DeviceRepr for MeswitchAttentionParams {}
     unsafe impl cudarc::driver::DeviceRepr for MeswitchGemvParams {}
     unsafe impl cudarc::driver::DeviceRepr for MeswitchDequantParams {}
     unsafe impl cudarc::driver::DeviceRepr for MeswitchExpertDelta {}
@@ -50,8 +60,55 @@ pub const DEQUANTIZE: KernelModule = KernelModule {
     ptx: include_str!("../ptx/dequantize.ptx"),
 };
 
+/// Module of RMSNorm (f32 residual stream → f16); entry point `meswitch_rms_norm`.
+pub const NORM: KernelModule = KernelModule {
+    name: "norm",
+    ptx: include_str!("../ptx/norm.ptx"),
+};
+
+/// Module of rotary position embedding in place on f16 rows (HF
+/// rotate-half pairing, host-built cos/sin tables); entry point `meswitch_rope`.
+pub const ROPE: KernelModule = KernelModule {
+    name: "rope",
+    ptx: include_str!("../ptx/rope.ptx"),
+};
+
+/// Module of the elementwise layer kernels and the embedding gather; entry
+/// points `meswitch_swiglu`, `meswitch_add_residual`, `meswitch_embed`.
+pub const ACTIVATION: KernelModule = KernelModule {
+    name: "activation",
+    ptx: include_str!("../ptx/activation.ptx"),
+};
+
+/// Module of the device KV cache append and causal GQA attention; entry
+/// points `meswitch_kv_append`, `meswitch_attention`.
+pub const ATTENTION: KernelModule = KernelModule {
+    name: "attention",
+    ptx: include_str!("../ptx/attention.ptx"),
+};
+
 /// Every embedded kernel module.
-pub const MODULES: &[KernelModule] = &[MULTI_EXPERT_GEMV, DELTA_GEMV, DEQUANTIZE];
+pub const MODULES: &[KernelModule] = &[
+    MULTI_EXPERT_GEMV,
+    DELTA_GEMV,
+    DEQUANTIZE,
+    NORM,
+    ROPE,
+    ACTIVATION,
+    ATTENTION,
+];
+
+/// Entry points of the layer modules, `(module, entry)`: one kernel each,
+/// no variants.
+pub const LAYER_ENTRIES: &[(&str, &str)] = &[
+    ("norm", "meswitch_rms_norm"),
+    ("rope", "meswitch_rope"),
+    ("activation", "meswitch_swiglu"),
+    ("activation", "meswitch_add_residual"),
+    ("activation", "meswitch_embed"),
+    ("attention", "meswitch_kv_append"),
+    ("attention", "meswitch_attention"),
+];
 
 /// Group-size token of an entry-point name: `"32"`, `"64"`, `"128"`, or
 /// `"row"` when the layout has one group per row. `None` for a group size the

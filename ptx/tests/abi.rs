@@ -81,6 +81,10 @@ fn every_entry_point_is_in_its_module() {
         c_str(MESWITCH_MODULE_MULTI_EXPERT_GEMV),
         c_str(MESWITCH_MODULE_DELTA_GEMV),
         c_str(MESWITCH_MODULE_DEQUANTIZE),
+        c_str(MESWITCH_MODULE_NORM),
+        c_str(MESWITCH_MODULE_ROPE),
+        c_str(MESWITCH_MODULE_ACTIVATION),
+        c_str(MESWITCH_MODULE_ATTENTION),
     ];
     assert_eq!(names, header_names);
 }
