@@ -1,5 +1,6 @@
 //! `meswitch generate`: prefill a prompt, then stream sampled tokens to
-//! stdout, on the CPU backend, optionally through one expert.
+//! stdout, on the CPU or CUDA backend (`--device`), optionally through one
+//! expert.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,10 +11,72 @@ use clap::Parser;
 use super::Run;
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::generate::generate;
-use crate::model::{load_cpu, LoadedModel};
+use crate::model::cuda::CudaBackend;
+use crate::model::load::load_cuda;
+use crate::model::{load_cpu, Backend, LoadedModel, ModelError};
 use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
 
-/// Generate text from a prompt (CPU).
+/// Where a command computes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA device 0 when one can be opened, else the CPU (with a note).
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// A base model loaded on the chosen backend, with its tokenizer.
+pub enum Loaded {
+    Cpu(Box<LoadedModel>),
+    Cuda(Box<CudaModel>),
+}
+
+/// The CUDA twin of [`LoadedModel`].
+pub struct CudaModel {
+    pub backend: CudaBackend,
+    pub tokenizer: Tokenizer,
+}
+
+/// Loads the model on `device` and, when given, its expert; returns the
+/// expert's id. `Auto` falls back to the CPU only when there is no device
+/// (any other CUDA failure is an error).
+pub fn load_on(
+    device: Device,
+    model: &Path,
+    expert: Option<&Path>,
+) -> anyhow::Result<(Loaded, Option<usize>)> {
+    let cuda = match device {
+        Device::Cpu => None,
+        Device::Cuda => Some(load_cuda(model)),
+        Device::Auto => match load_cuda(model) {
+            Err(ModelError::NoDevice(why)) => {
+                eprintln!("[device: cpu (no CUDA device: {why})]");
+                None
+            }
+            other => Some(other),
+        },
+    };
+    let Some(cuda) = cuda else {
+        let (m, id) = load_with_expert(model, expert)?;
+        return Ok((Loaded::Cpu(Box::new(m)), id));
+    };
+    let (mut backend, tokenizer) =
+        cuda.with_context(|| format!("loading {} on CUDA", model.display()))?;
+    eprintln!("[device: cuda ({})]", backend.gpu().name());
+    let id = match expert {
+        Some(p) => Some(
+            backend
+                .load_expert(p)
+                .with_context(|| format!("loading expert {}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok((Loaded::Cuda(Box::new(CudaModel { backend, tokenizer })), id))
+}
+
+/// Generate text from a prompt (CPU or CUDA).
 #[derive(Parser, Debug)]
 #[command(name = "generate")]
 pub struct GenerateArgs {
@@ -28,6 +91,8 @@ pub struct GenerateArgs {
     /// Wrap the prompt as one user message in the model's chat template.
     #[arg(long)]
     chat: bool,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -100,40 +165,58 @@ impl Run for GenerateArgs {
         } else {
             self.prompt.clone()
         };
-        let (m, expert) = load_with_expert(&self.model, self.expert.as_deref())?;
-        let ids = if self.chat {
-            crate::server::prompt::encode_chat(&m.tokenizer, &prompt).map_err(anyhow::Error::msg)?
-        } else {
-            m.tokenizer.encode(&prompt, true)?
-        };
-        let mut out = std::io::stdout().lock();
-        let start = std::time::Instant::now();
-        let g = generate(
-            &m.backend,
-            &m.tokenizer,
-            m.tokenizer.eos_ids(),
-            &ids,
-            expert,
-            params,
-            |text| {
-                let _ = out.write_all(text.as_bytes());
-                let _ = out.flush();
-            },
-        )?;
-        writeln!(out)?;
-        let total = start.elapsed().as_secs_f64();
-        let decoded = g.ids.len().saturating_sub(1);
-        eprintln!(
-            "[{} prompt tokens in {:.3} s ({:.1} tokens/s); {} decode steps in {:.3} s ({:.1} tokens/s); stop: {:?}; {:.2} s total]",
-            g.prompt_tokens,
-            g.prefill_time.as_secs_f64(),
-            g.prompt_tokens as f64 / g.prefill_time.as_secs_f64(),
-            decoded,
-            g.decode_time.as_secs_f64(),
-            decoded as f64 / g.decode_time.as_secs_f64(),
-            g.stop,
-            total
-        );
-        Ok(())
+        let (loaded, expert) = load_on(self.device, &self.model, self.expert.as_deref())?;
+        match &loaded {
+            Loaded::Cpu(m) => {
+                run_generate(&m.backend, &m.tokenizer, self.chat, &prompt, expert, params)
+            }
+            Loaded::Cuda(m) => {
+                run_generate(&m.backend, &m.tokenizer, self.chat, &prompt, expert, params)
+            }
+        }
     }
+}
+
+fn run_generate<B: Backend>(
+    backend: &B,
+    tokenizer: &Tokenizer,
+    chat: bool,
+    prompt: &str,
+    expert: Option<usize>,
+    params: SamplingParams,
+) -> anyhow::Result<()> {
+    let ids = if chat {
+        crate::server::prompt::encode_chat(tokenizer, prompt).map_err(anyhow::Error::msg)?
+    } else {
+        tokenizer.encode(prompt, true)?
+    };
+    let mut out = std::io::stdout().lock();
+    let start = std::time::Instant::now();
+    let g = generate(
+        backend,
+        tokenizer,
+        tokenizer.eos_ids(),
+        &ids,
+        expert,
+        params,
+        |text| {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        },
+    )?;
+    writeln!(out)?;
+    let total = start.elapsed().as_secs_f64();
+    let decoded = g.ids.len().saturating_sub(1);
+    eprintln!(
+        "[{} prompt tokens in {:.3} s ({:.1} tokens/s); {} decode steps in {:.3} s ({:.1} tokens/s); stop: {:?}; {:.2} s total]",
+        g.prompt_tokens,
+        g.prefill_time.as_secs_f64(),
+        g.prompt_tokens as f64 / g.prefill_time.as_secs_f64(),
+        decoded,
+        g.decode_time.as_secs_f64(),
+        decoded as f64 / g.decode_time.as_secs_f64(),
+        g.stop,
+        total
+    );
+    Ok(())
 }

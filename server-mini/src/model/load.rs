@@ -38,3 +38,24 @@ pub fn load_cpu(path: &Path) -> Result<LoadedModel, ModelError> {
         Ok(LoadedModel { backend, tokenizer })
     }
 }
+
+/// Loads the weights on the CUDA backend (device 0) and the tokenizer. The
+/// device is opened first, so a machine without one answers
+/// [`ModelError::NoDevice`] at once, before reading any weights.
+pub fn load_cuda(path: &Path) -> Result<(super::cuda::CudaBackend, Tokenizer), ModelError> {
+    let gpu = meswitch_ops::Gpu::detect()
+        .map_err(|e| super::cuda::device_err("opening the device", e))?;
+    let source = |e: &dyn std::fmt::Display| ModelError::Source(e.to_string());
+    if is_gguf(path) {
+        let file = GgufFile::open(path).map_err(|e| source(&e))?;
+        let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| source(&e))?;
+        let backend = super::cuda::CudaBackend::load(&GgufSource::new(file), gpu)?;
+        Ok((backend, tokenizer))
+    } else {
+        let ckpt = Checkpoint::open(path).map_err(|e| source(&e))?;
+        let tokenizer =
+            Tokenizer::from_file(&path.join("tokenizer.json")).map_err(|e| source(&e))?;
+        let backend = super::cuda::CudaBackend::load(&ckpt, gpu)?;
+        Ok((backend, tokenizer))
+    }
+}
