@@ -714,3 +714,54 @@ fn fill_layer(
     let (d_k, d_v) = (upload(gpu, keys)?, upload(gpu, values)?);
     kv_append_device(gpu, 0, &d_k, &d_v, &step)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(n_heads: usize, n_kv_heads: usize, head_dim: usize, w: Option<usize>) -> AttnShape {
+        AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            sliding_window: w,
+        }
+    }
+
+    #[test]
+    fn attention_shapes_the_kernel_cannot_take_are_rejected() {
+        for ok in [
+            shape(32, 8, 128, None),
+            shape(9, 3, 64, Some(4096)),
+            shape(1, 1, 2, Some(1)),
+            shape(8, 1, launch::MAX_HEAD_DIM, None),
+        ] {
+            assert_eq!(check_attn_shape(ok), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            shape(3, 2, 64, None),
+            shape(0, 0, 64, None),
+            shape(4, 0, 64, None),
+            shape(4, 4, 0, None),
+            shape(4, 4, 63, None),
+            shape(4, 4, launch::MAX_HEAD_DIM + 2, None),
+            shape(4, 4, 64, Some(0)),
+        ] {
+            assert!(
+                matches!(check_attn_shape(bad), Err(LayerError::AttnShape(..))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_tokens_are_found_with_their_row() {
+        assert!(check_tokens(&[0, 4, 2], 5).is_ok());
+        match check_tokens(&[0, 5, 9], 5) {
+            Err(OpsError::Layer(LayerError::TokenOutOfRange { row, token, vocab })) => {
+                assert_eq!((row, token, vocab), (1, 5, 5))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
