@@ -3,7 +3,8 @@
 # bench executables are built HERE (no GPU needed) and staged in the git-ignored .device/ folder
 # with a driver script, .device/run_on_gpu.sh, that runs there:
 #   1. every tests/gpu_*.rs binary with MESWITCH_REQUIRE_GPU=1 (a missing device fails, not skips);
-#   2. compute-sanitizer memcheck on one test (named_edge_cases: every kernel family and bit width);
+#   2. compute-sanitizer memcheck on named_edge_cases (every GEMV kernel family and bit width) and
+#      named_layer_edge_cases (every layer kernel, tests/gpu_layers.rs);
 #   3. the gemv bench (criterion + CSV/JSON/PNG), sweep from MESWITCH_BENCH_* (see benches/gemv.rs).
 # Everything it writes goes under $OUT (the device tool's output folder).
 #
@@ -83,6 +84,9 @@ if [ "$stage" = all ] || [ "$stage" = memcheck ]; then
   if command -v compute-sanitizer >/dev/null; then
     compute-sanitizer --tool memcheck --error-exitcode 99 \
       "$here/tests/gpu_kernels" named_edge_cases --exact --test-threads=1 || status=1
+    # The layer kernels' named cases (every layer kernel, a grown cache, rejected inputs).
+    compute-sanitizer --tool memcheck --error-exitcode 99 \
+      "$here/tests/gpu_layers" named_layer_edge_cases --exact --test-threads=1 || status=1
   else
     echo "compute-sanitizer not found"; status=1
   fi
