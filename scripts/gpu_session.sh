@@ -5,6 +5,7 @@
 #   1. every tests/gpu_*.rs binary with MESWITCH_REQUIRE_GPU=1 (a missing device fails, not skips);
 #   2. compute-sanitizer memcheck on named_edge_cases (every GEMV kernel family and bit width) and
 #      named_layer_edge_cases (every layer kernel, tests/gpu_layers.rs);
+#   2b. the CUDA model runtime against the CPU one (server-mini/tests/cuda_backend.rs, in stage tests);
 #   3. the gemv bench (criterion + CSV/JSON/PNG), sweep from MESWITCH_BENCH_* (see benches/gemv.rs).
 # Everything it writes goes under $OUT (the device tool's output folder).
 #
@@ -39,11 +40,20 @@ done
 cargo bench --no-run --bench gemv --message-format=json | executables | while read -r name exe; do
   objcopy --strip-debug "$exe" "$stage/benches/$name"
 done
+# The CUDA model runtime: its test runs with the other tests; the decode bench (a 7B-shaped model,
+# minutes of setup) is a stage of its own.
+cargo test --no-run -p meswitch-server --test cuda_backend --message-format=json | executables | while read -r name exe; do
+  objcopy --strip-debug "$exe" "$stage/tests/$name"
+done
+mkdir -p "$stage/decode"
+cargo bench --no-run --bench decode --message-format=json | executables | while read -r name exe; do
+  objcopy --strip-debug "$exe" "$stage/decode/$name"
+done
 
 cat > "$stage/run_on_gpu.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root:
-#   bash .device/run_on_gpu.sh [all|tests|memcheck|bench]     (default all)
+#   bash .device/run_on_gpu.sh [all|tests|memcheck|bench|decode]     (default all)
 # One stage per call fits a 10-minute command limit; the bench sweep is set by MESWITCH_BENCH_*.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -67,6 +77,12 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
 done
 export LD_LIBRARY_PATH="$libdir:${LD_LIBRARY_PATH:-}"
 export MESWITCH_REQUIRE_GPU=1
+# Test binaries look for the SmolLM2 GGUF under their build machine's repository path; point them
+# at a copy carried to this machine (.data/ of the repository root), if there is one.
+repo=$(cd "$here/.." && pwd)
+if [ -z "${MESWITCH_SMOLLM2_GGUF:-}" ] && [ -f "$repo/.data/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  export MESWITCH_SMOLLM2_GGUF="$repo/.data/SmolLM2-135M-Instruct.Q4_1.gguf"
+fi
 PATH="$PATH:/usr/local/cuda/bin"
 
 date -u
@@ -99,6 +115,14 @@ if [ "$stage" = all ] || [ "$stage" = bench ]; then
     MESWITCH_BENCH_OUT="$OUT/bench" CRITERION_HOME="${TMPDIR:-/tmp}/criterion" "$b" --bench || status=1
   done
 fi
+if [ "$stage" = decode ]; then
+  # Not part of "all": a 32-layer run needs most of a 10-minute call by itself.
+  # MESWITCH_DECODE_LAYERS=4 (etc., see benches/decode.rs) for a quick run.
+  echo "== decode bench"
+  for b in "$here"/decode/*; do
+    CRITERION_HOME="${TMPDIR:-/tmp}/criterion" "$b" --bench || status=1
+  done
+fi
 date -u
 exit $status
 RUN
@@ -111,5 +135,6 @@ echo "Staged in $stage/. On the GPU machine (device tool: carry [\"$stage\"]), f
 echo "one stage per call (each fits a 10-minute limit):"
 echo "  bash $stage/run_on_gpu.sh tests      # MESWITCH_GPU_PROPTEST_CASES=N to change the 64 cases"
 echo "  bash $stage/run_on_gpu.sh memcheck"
+echo "  bash $stage/run_on_gpu.sh decode     # model decode bench; MESWITCH_DECODE_LAYERS=4 for a quick run"
 echo "  bash $stage/run_on_gpu.sh bench      # the full sweep may not fit one call; a subset, e.g.:"
 echo "  MESWITCH_BENCH_SHAPES=4096x4096,14336x4096 MESWITCH_BENCH_BITS=2 bash $stage/run_on_gpu.sh bench"
