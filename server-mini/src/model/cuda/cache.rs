@@ -104,22 +104,71 @@ impl CudaCache {
                 limit: g.max_context,
             });
         }
-        let grown = |from: usize| from.max(1).saturating_mul(2).max(need).min(g.max_context);
+        let need = need.max(1);
+        let capacity = next_capacity(self.capacity(), need, g.max_context);
         match &mut self.kv {
             None => {
-                let capacity = INITIAL_CAPACITY.max(need).min(g.max_context);
                 self.kv = Some(
                     DeviceKv::new(gpu, g.n_layers, g.kv_dim, capacity)
                         .map_err(|e| device_err("allocating a KV cache", e))?,
                 );
             }
             Some(kv) if kv.capacity() < need => {
-                let capacity = grown(kv.capacity());
                 kv.grow(gpu, capacity)
                     .map_err(|e| device_err("growing a KV cache", e))?;
             }
             Some(_) => {}
         }
         Ok(())
+    }
+}
+
+/// Positions to allocate for `need` (≤ `max_context`) given `current`
+/// (0 = none yet): the first allocation is [`INITIAL_CAPACITY`] or more,
+/// later ones double, never past `max_context`, always at least `need`.
+fn next_capacity(current: usize, need: usize, max_context: usize) -> usize {
+    if current >= need {
+        return current;
+    }
+    let wanted = if current == 0 {
+        INITIAL_CAPACITY
+    } else {
+        current.saturating_mul(2)
+    };
+    wanted.max(need).min(max_context).max(need)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_starts_small_doubles_and_stops_at_the_limit() {
+        assert_eq!(next_capacity(0, 1, 4096), INITIAL_CAPACITY);
+        assert_eq!(next_capacity(0, 1000, 4096), 1000);
+        assert_eq!(next_capacity(0, 10, 100), 100);
+        assert_eq!(next_capacity(256, 257, 4096), 512);
+        assert_eq!(next_capacity(256, 2000, 4096), 2000);
+        assert_eq!(next_capacity(3000, 3001, 4096), 4096);
+        assert_eq!(next_capacity(512, 300, 4096), 512);
+        for (cur, need, max) in [(0, 5, 5), (7, 9, 9), (100, 4096, 4096)] {
+            let c = next_capacity(cur, need, max);
+            assert!(c >= need && c <= max, "{cur} {need} {max} -> {c}");
+        }
+    }
+
+    #[test]
+    fn a_new_cache_is_empty_and_unallocated() {
+        let mut c = CudaCache::default();
+        assert!(c.is_empty());
+        assert_eq!((c.capacity(), c.bytes()), (0, 0));
+        assert!(c.device().is_err());
+        c.advance(3);
+        c.truncate(5);
+        assert_eq!(c.len(), 3);
+        c.truncate(1);
+        assert_eq!(c.len(), 1);
+        c.clear();
+        assert!(c.is_empty());
     }
 }

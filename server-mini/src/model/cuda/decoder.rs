@@ -493,3 +493,34 @@ impl CudaBackend {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::StepRows;
+
+    #[test]
+    fn step_rows_flatten_sequences_in_order() {
+        let (a, b, c) = ([5u32, 6, 7], [8u32], [9u32, 10]);
+        let rows = StepRows::new(
+            [
+                (&a[..], 4, Some(3)),
+                (&b[..], 0, None),
+                (&c[..], 11, Some(3)),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(rows.tokens, vec![5, 6, 7, 8, 9, 10]);
+        assert_eq!(
+            rows.seq_pos,
+            vec![(0, 4), (0, 5), (0, 6), (1, 0), (2, 11), (2, 12)]
+        );
+        assert_eq!(
+            rows.slot,
+            vec![Some(0), Some(0), Some(0), None, Some(0), Some(0)]
+        );
+        assert_eq!(rows.active, vec![3]);
+        let two = StepRows::new([(&b[..], 0, Some(9)), (&b[..], 2, Some(1))].into_iter());
+        assert_eq!(two.active, vec![9, 1]);
+        assert_eq!(two.slot, vec![Some(0), Some(1)]);
+    }
+}
