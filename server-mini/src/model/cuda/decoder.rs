@@ -108,6 +108,13 @@ fn copy_rows<T>(
         .map_err(|e| ModelError::Device(format!("device row copy: {e}")))
 }
 
+/// Waits for the stream after a device-to-host copy. A copy into pageable
+/// memory (a `Vec`) already completes before `clone_dtoh` returns; the wait
+/// keeps the host read safe whatever memory the allocator hands out.
+fn wait(b: &CudaBackend, during: &str) -> Result<(), ModelError> {
+    b.gpu.synchronize().map_err(|e| device_err(during, e))
+}
+
 /// Per-step activation buffers, reused by every layer.
 struct Buffers {
     x: CudaSlice<f16>,
@@ -202,6 +209,7 @@ impl CudaBackend {
                 .stream()
                 .clone_dtoh(&base_row)
                 .map_err(|e| ModelError::Device(format!("reading an embedding row: {e}")))?;
+            wait(self, "reading an embedding row")?;
             expert_embed_row(m, tok, &base_row, &mut row)?;
             let mut dst = h
                 .try_slice_mut(r * hd..(r + 1) * hd)
@@ -435,6 +443,7 @@ impl CudaBackend {
             .stream()
             .clone_dtoh(&logits)
             .map_err(|e| ModelError::Device(format!("reading the logits: {e}")))?;
+        wait(self, "reading the logits")?;
         if logits.len() < picked * vocab {
             return Err(ModelError::Device(
                 "logits buffer shorter than asked".into(),
@@ -481,6 +490,7 @@ impl CudaBackend {
             .stream()
             .clone_dtoh(&h)
             .map_err(|e| ModelError::Device(format!("reading hidden states: {e}")))?;
+        wait(self, "reading hidden states")?;
         out.truncate(tokens.len() * c.hidden_size);
         if layer == n_layers {
             let w = &self.weights.final_norm_host;
