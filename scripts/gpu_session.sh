@@ -42,7 +42,9 @@ cargo bench --no-run --bench gemv --message-format=json | executables | while re
 done
 # The CUDA model runtime: its test runs with the other tests; the decode bench (a 7B-shaped model,
 # minutes of setup) is a stage of its own.
+# (Building a server-mini integration test also builds the `meswitch` binary: stage the test only.)
 cargo test --no-run -p meswitch-server --test cuda_backend --message-format=json | executables | while read -r name exe; do
+  [ "$name" = cuda_backend ] || continue
   objcopy --strip-debug "$exe" "$stage/tests/$name"
 done
 mkdir -p "$stage/decode"
