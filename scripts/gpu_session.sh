@@ -41,15 +41,20 @@ cargo bench --no-run --bench gemv --message-format=json | executables | while re
   objcopy --strip-debug "$exe" "$stage/benches/$name"
 done
 # The CUDA model runtime: its test runs with the other tests; the decode bench (a 7B-shaped model,
-# minutes of setup) is a stage of its own.
-# (Building a server-mini integration test also builds the `meswitch` binary: stage the test only.)
+# minutes of setup) is a stage of its own. Both are staged gzipped under packed/ (together with the
+# kernel tests and the gemv bench the stage would pass the device tool's 64 MiB transfer limit);
+# run_on_gpu.sh unpacks them. Building a server-mini integration test also builds the `meswitch`
+# binary: only the test is staged.
+mkdir -p "$stage/packed/tests" "$stage/packed/decode"
+pack() {  # pack <exe> <dest.gz>
+  objcopy --strip-debug "$1" "$stage/packed/tmp" && gzip -9 -c "$stage/packed/tmp" > "$2" && rm "$stage/packed/tmp"
+}
 cargo test --no-run -p meswitch-server --test cuda_backend --message-format=json | executables | while read -r name exe; do
   [ "$name" = cuda_backend ] || continue
-  objcopy --strip-debug "$exe" "$stage/tests/$name"
+  pack "$exe" "$stage/packed/tests/$name.gz"
 done
-mkdir -p "$stage/decode"
 cargo bench --no-run --bench decode --message-format=json | executables | while read -r name exe; do
-  objcopy --strip-debug "$exe" "$stage/decode/$name"
+  pack "$exe" "$stage/packed/decode/$name.gz"
 done
 
 cat > "$stage/run_on_gpu.sh" <<'RUN'
@@ -61,6 +66,14 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 stage=${1:-all}
 OUT=${OUT:-$here/out}
+# Binaries staged gzipped (packed/<folder>/<name>.gz): unpack each into <folder>/ once.
+for gz in "$here"/packed/*/*.gz; do
+  [ -e "$gz" ] || continue
+  dir="$here/$(basename "$(dirname "$gz")")"
+  bin="$dir/$(basename "$gz" .gz)"
+  mkdir -p "$dir"
+  [ -x "$bin" ] || { gunzip -c "$gz" > "$bin" && chmod +x "$bin"; }
+done
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session-$stage.log") 2>&1
 
