@@ -163,14 +163,18 @@ impl CudaBackend {
         slot.device.as_ref().ok().map(DeviceExpert::bytes)
     }
 
-    /// Reads an expert file, checks it against this base and adds it.
+    /// Reads an expert file, checks it against this base and adds it; an
+    /// expert that cannot be placed on the device is an error here (and
+    /// not kept).
     pub fn load_expert(&mut self, path: &Path) -> Result<ExpertId, ModelError> {
         let e = Expert::open(path, &self.config, &self.identity, &self.shapes)?;
         let id = self.add_expert(e);
-        match &self.experts[id] {
-            Some(Slot { device: Err(e), .. }) => Err(ModelError::Expert(e.clone())),
-            _ => Ok(id),
+        if let Some(Some(Slot { device: Err(e), .. })) = self.experts.get(id) {
+            let e = ModelError::Expert(e.clone());
+            self.experts[id] = None;
+            return Err(e);
         }
+        Ok(id)
     }
 
     pub fn expert_id(&self, name: &str) -> Option<ExpertId> {
