@@ -373,6 +373,88 @@ fn mixed_steps_match_the_cpu_backend() {
     }
 }
 
+/// Cases of the random-plan property: `MESWITCH_GPU_PROPTEST_CASES`
+/// (default 16; each case runs both backends over a few steps).
+fn proptest_cases() -> u32 {
+    std::env::var("MESWITCH_GPU_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
+
+/// Random step plans: each step a random subset of four sequences (each
+/// with its fixed expert: a, b, none, a), each feeding 1..12 tokens or,
+/// sometimes, a 65..80-token chunk (the > 64-row paths), asking for the
+/// last or every position's logits. Every step's logits match the CPU.
+#[test]
+fn random_step_plans_match_the_cpu_backend() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    if !have_gpu() {
+        return;
+    }
+    let (cpu, cuda) = pair(Some(40), 60);
+    let vocab = cpu.config().vocab_size;
+    const EXPERT_OF: [Option<usize>; 4] = [Some(0), Some(1), None, Some(0)];
+    let part = (
+        any::<bool>(),
+        prop_oneof![8 => 1usize..12, 1 => 65usize..80],
+        any::<bool>(),
+    );
+    let plan = prop::collection::vec(prop::collection::vec(part, 4), 1..4);
+    let mut runner = TestRunner::new(Config::with_cases(proptest_cases()));
+    let worst = std::cell::Cell::new(0f32);
+    runner
+        .run(&(plan, any::<u64>()), |(plan, seed)| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut cpu_caches: Vec<KvCache> = (0..4).map(|_| cpu.new_cache()).collect();
+            let mut gpu_caches: Vec<CudaCache> = (0..4).map(|_| cuda.new_cache()).collect();
+            for (k, step_plan) in plan.iter().enumerate() {
+                let idx: Vec<usize> = (0..4).filter(|&i| step_plan[i].0).collect();
+                if idx.is_empty() {
+                    continue;
+                }
+                let seqs: Vec<Seq> = idx
+                    .iter()
+                    .map(|&i| {
+                        let (_, n, all) = step_plan[i];
+                        let w = if all {
+                            LogitsWanted::From(0)
+                        } else {
+                            LogitsWanted::Last
+                        };
+                        (tokens(&mut rng, n, vocab), EXPERT_OF[i], w)
+                    })
+                    .collect();
+                let mut cc: Vec<KvCache> = idx
+                    .iter()
+                    .map(|&i| std::mem::take(&mut cpu_caches[i]))
+                    .collect();
+                let mut gc: Vec<CudaCache> = idx
+                    .iter()
+                    .map(|&i| std::mem::take(&mut gpu_caches[i]))
+                    .collect();
+                let want = step(&cpu, &mut cc, &seqs).expect("CPU step");
+                let got = step(&cuda, &mut gc, &seqs).expect("CUDA step");
+                for ((&i, c), g) in idx.iter().zip(cc).zip(gc) {
+                    prop_assert_eq!(c.len(), g.len());
+                    cpu_caches[i] = c;
+                    gpu_caches[i] = g;
+                }
+                for (j, (w, g)) in want.iter().zip(&got).enumerate() {
+                    let what = format!("plan step {k} sequence {}", idx[j]);
+                    worst.set(worst.get().max(assert_rows_close(&what, w, g, vocab)));
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "random plans: worst max|Δlogit| / spread = {:.3e}",
+        worst.get()
+    );
+}
+
 /// A sequence crossing the cache's first allocation (256 positions) grows
 /// it; contents survive (later logits still match the CPU).
 #[test]
