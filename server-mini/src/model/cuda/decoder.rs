@@ -14,9 +14,9 @@ type CudaSlice<T> = DeviceSlice<T>;
 use meswitch_reference::layers::{rms_norm, AttnShape};
 
 use super::linear::{multi_expert_linear, runs, RowMaps};
-use super::weights::{expert_embed_row, DeviceExpert, DeviceMatrix};
+use super::weights::{delta_embed_row, dense_embed_row, DeviceExpert, DeviceMatrix};
 use super::{device_err, CudaBackend, CudaCache};
-use crate::model::experts::Expert;
+use crate::model::experts::{Expert, ExpertMatrix};
 use crate::model::weights::Proj;
 use crate::model::{ExpertId, LogitsWanted, ModelError, SeqStep};
 
@@ -181,42 +181,58 @@ impl CudaBackend {
         multi_expert_linear(&self.gpu, base, mats, slot, x, y, maps)
     }
 
-    /// `h [rows, hidden]` f32 = the step's embeddings: the base table on the
-    /// device, then rows of experts with their own embeddings built on the
-    /// host (base row + Δ̂ row, as the CPU backend) and copied over.
+    /// `h [rows, hidden]` f32 = the step's embeddings, with no host-device
+    /// round trip: the base table gathered on the device; rows of experts
+    /// with a dense table of their own overwritten from the host copy; rows
+    /// of experts with an embedding delta get their Δ̂ rows (dequantized on
+    /// the host, a few rows per step) added in one upload and one residual
+    /// add. Δ̂ enters as FP16 there: a relative 2⁻¹¹ of a delta, far below
+    /// the activation roundings the CUDA path already makes.
     fn embed(&self, rows: &StepRows, experts: &Experts) -> Result<CudaSlice<f32>, ModelError> {
         let c = &self.config;
-        let (hd, gpu) = (c.hidden_size, &self.gpu);
-        let mut h = zeros_f32(self, rows.len() * hd, "residual stream")?;
-        let table = &self.weights.embed;
-        embed_device(gpu, &table.weights, c.vocab_size, hd, &rows.tokens, &mut h)
-            .map_err(|e| device_err("embedding lookup", e))?;
+        let (hd, gpu, n) = (c.hidden_size, &self.gpu, rows.len());
+        let mut h = zeros_f32(self, n * hd, "residual stream")?;
+        embed_device(
+            gpu,
+            &self.weights.embed.weights,
+            c.vocab_size,
+            hd,
+            &rows.tokens,
+            &mut h,
+        )
+        .map_err(|e| device_err("embedding lookup", e))?;
         let mut row = vec![0f32; hd];
+        // Δ̂ rows `[rows, hidden]`, zero for rows without an embedding delta.
+        let mut deltas: Option<Vec<f16>> = None;
         for (r, (&tok, slot)) in rows.tokens.iter().zip(&rows.slot).enumerate() {
             let Some(m) = slot.and_then(|s| experts[s].0.embed.as_ref()) else {
                 continue;
             };
             let tok = tok as usize;
-            let base_row =
-                table
-                    .weights
-                    .try_slice(tok * hd..(tok + 1) * hd)
-                    .ok_or(ModelError::Token {
-                        token: tok as u32,
-                        vocab: c.vocab_size,
+            match m {
+                ExpertMatrix::Dense(d) => {
+                    dense_embed_row(d, tok, &mut row)?;
+                    let mut dst = h
+                        .try_slice_mut(r * hd..(r + 1) * hd)
+                        .ok_or_else(|| ModelError::Device(format!("row {r} outside the step")))?;
+                    gpu.stream().memcpy_htod(&row, &mut dst).map_err(|e| {
+                        ModelError::Device(format!("writing an embedding row: {e}"))
                     })?;
-            let base_row = gpu
-                .stream()
-                .clone_dtoh(&base_row)
-                .map_err(|e| ModelError::Device(format!("reading an embedding row: {e}")))?;
-            wait(self, "reading an embedding row")?;
-            expert_embed_row(m, tok, &base_row, &mut row)?;
-            let mut dst = h
-                .try_slice_mut(r * hd..(r + 1) * hd)
-                .ok_or_else(|| ModelError::Device(format!("row {r} outside the step")))?;
-            gpu.stream()
-                .memcpy_htod(&row, &mut dst)
-                .map_err(|e| ModelError::Device(format!("writing an embedding row: {e}")))?;
+                }
+                ExpertMatrix::Delta(d) => {
+                    delta_embed_row(d, tok, &mut row)?;
+                    let all = deltas.get_or_insert_with(|| vec![f16::ZERO; n * hd]);
+                    for (o, v) in all[r * hd..(r + 1) * hd].iter_mut().zip(&row) {
+                        *o = f16::from_f32(*v);
+                    }
+                }
+            }
+        }
+        if let Some(all) = deltas {
+            let d = meswitch_ops::upload(gpu, &all)
+                .map_err(|e| device_err("uploading embedding deltas", e))?;
+            add_residual_device(gpu, &mut h, &d)
+                .map_err(|e| device_err("adding embedding deltas", e))?;
         }
         Ok(h)
     }

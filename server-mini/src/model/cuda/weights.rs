@@ -9,8 +9,8 @@
 //! layout), a dense replacement becomes a [`DeviceBase`]. Tensors the
 //! expert leaves out are `None` and its rows use the base.
 
-use half::f16;
 use meswitch_ops::{DeviceBase, DeviceDelta, Gpu};
+use meswitch_reference::PackedDelta;
 
 use super::device_err;
 use crate::model::experts::{Expert, ExpertMatrix};
@@ -154,8 +154,8 @@ pub(super) struct DeviceExpert {
     pub layers: Vec<DeviceExpertLayer>,
     pub final_norm: Option<meswitch_ops::DeviceSlice<f32>>,
     /// The expert's lm_head as [`Expert::lm_head`] resolves it (its
-    /// embeddings when tied). Embedding rows are built on the host from
-    /// the host copy of the expert (a few rows per step).
+    /// embeddings when tied). Embedding rows come from the host copy of the
+    /// expert (a few rows per step, see `decoder.rs`).
     pub lm_head: Option<DeviceMatrix>,
 }
 
@@ -221,41 +221,69 @@ impl DeviceExpert {
     }
 }
 
-/// Row `tok` of an expert's embedding (base + Δ̂, or its dense row) in f32,
-/// given the base row: what [`ExpertMatrix::row`] computes on the CPU.
-pub(super) fn expert_embed_row(
-    m: &ExpertMatrix,
-    tok: usize,
-    base_row: &[f16],
-    out: &mut [f32],
-) -> Result<(), ModelError> {
+/// Row `tok` of an expert's dense embedding table, in f32.
+pub(super) fn dense_embed_row(m: &Matrix, tok: usize, out: &mut [f32]) -> Result<(), ModelError> {
     let n = out.len();
-    let bad = |found: Vec<usize>| ModelError::TensorShape {
-        name: "expert embedding".to_string(),
-        expected: vec![tok + 1, n],
-        found,
-    };
-    match m {
-        ExpertMatrix::Dense(d) => {
-            let row = d
-                .weights
-                .get(tok * n..(tok + 1) * n)
-                .filter(|_| d.in_features == n)
-                .ok_or_else(|| bad(vec![d.out_features, d.in_features]))?;
-            for (o, w) in out.iter_mut().zip(row) {
-                *o = w.to_f32();
-            }
-        }
-        ExpertMatrix::Delta(d) => {
-            let l = d.layout();
-            if tok >= l.out_features || l.in_features != n || base_row.len() != n {
-                return Err(bad(vec![l.out_features, l.in_features]));
-            }
-            d.view().dequantize_row(tok, out);
-            for (o, w) in out.iter_mut().zip(base_row) {
-                *o += w.to_f32();
-            }
-        }
+    let row = m
+        .weights
+        .get(tok * n..(tok + 1) * n)
+        .filter(|_| m.in_features == n)
+        .ok_or_else(|| embed_shape(tok, n, m.out_features, m.in_features))?;
+    for (o, w) in out.iter_mut().zip(row) {
+        *o = w.to_f32();
     }
     Ok(())
+}
+
+/// Row `tok` of an expert's embedding delta Δ̂, in f32 (the base row is
+/// added on the device).
+pub(super) fn delta_embed_row(
+    d: &PackedDelta,
+    tok: usize,
+    out: &mut [f32],
+) -> Result<(), ModelError> {
+    let l = d.layout();
+    if tok >= l.out_features || l.in_features != out.len() {
+        return Err(embed_shape(tok, out.len(), l.out_features, l.in_features));
+    }
+    d.view().dequantize_row(tok, out);
+    Ok(())
+}
+
+fn embed_shape(tok: usize, hidden: usize, out: usize, inp: usize) -> ModelError {
+    ModelError::TensorShape {
+        name: format!("expert embedding (row {tok} requested)"),
+        expected: vec![tok + 1, hidden],
+        found: vec![out, inp],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meswitch_reference::{compress_matrix, Bits, CompressSettings, SalientSpec};
+
+    #[test]
+    fn delta_embed_rows_are_the_dequantized_rows_and_bad_rows_are_errors() {
+        let (vocab, hidden) = (5, 64);
+        let d: Vec<f32> = (0..vocab * hidden)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 1e-3)
+            .collect();
+        let settings = CompressSettings {
+            bits: Bits::Two,
+            group_size: 32,
+            salient: SalientSpec::Count(1),
+            round_to_nearest: false,
+            activation_weighted_fit: false,
+        };
+        let packed = compress_matrix(&d, vocab, hidden, &settings, None).unwrap();
+        let full = packed.dequantize();
+        let mut row = vec![f32::NAN; hidden];
+        for tok in 0..vocab {
+            delta_embed_row(&packed, tok, &mut row).unwrap();
+            assert_eq!(row, full[tok * hidden..(tok + 1) * hidden]);
+        }
+        assert!(delta_embed_row(&packed, vocab, &mut row).is_err());
+        assert!(delta_embed_row(&packed, 0, &mut row[..hidden - 1]).is_err());
+    }
 }
