@@ -7,6 +7,7 @@
 #      named_layer_edge_cases (every layer kernel, tests/gpu_layers.rs);
 #   2b. the CUDA model runtime against the CPU one (server-mini/tests/cuda_backend.rs, in stage tests);
 #   3. the gemv bench (criterion + CSV/JSON/PNG), sweep from MESWITCH_BENCH_* (see benches/gemv.rs).
+#   4. (stage decode only, not in all) the model runtime's decode bench, benches/decode.rs.
 # Everything it writes goes under $OUT (the device tool's output folder).
 #
 # Usage: scripts/gpu_session.sh        (then run the printed command on the GPU machine)
