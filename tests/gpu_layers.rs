@@ -25,8 +25,8 @@
 //!   `|Δs| ≤ SUM_ORDER·d·u₃₂·Σ|qᵢkᵢ|/√d`. A softmax weight pⱼ ∝ e^{sⱼ} moves
 //!   relatively by at most 2·max|Δs| (its own score and the normaliser's),
 //!   plus the online form's rescalings and the L-term sums (L positions) in
-//!   f32: per output element
-//!   `tol = Σⱼ pⱼ|vⱼ| · (2·max|Δs| + SUM_ORDER·(L + 8)·u₃₂) + 2·u₁₆·|y| + FP16_TINY`,
+//!   f32, on both sides: per output element
+//!   `tol = Σⱼ pⱼ|vⱼ| · (2·max|Δs| + 2·SUM_ORDER·(L + 8)·u₃₂) + 2·u₁₆·|y| + FP16_TINY`,
 //!   with `Σⱼ pⱼ|vⱼ|` computed in f64 from the reference's probabilities.
 //!   A wrong position, KV head, window edge or layer moves the output by
 //!   about |v| (values are ~±1), far beyond this bound.
@@ -58,11 +58,12 @@ fn uniform_f16(rng: &mut StdRng, n: usize, lim: f32) -> Vec<f16> {
 }
 
 /// `|got − want| ≤ tol`, with a message naming the element.
-fn assert_within(got: f16, want: f64, tol: f64, what: &str, at: String) {
+fn assert_within(got: f16, want: f64, tol: f64, what: &str, at: impl FnOnce() -> String) {
     let g = f64::from(got.to_f32());
     assert!(
         got.is_finite() && (g - want).abs() <= tol,
-        "{what}{at}: got {g} (bits {:#06x}), reference {want}, tolerance {tol:.3e}",
+        "{what}{}: got {g} (bits {:#06x}), reference {want}, tolerance {tol:.3e}",
+        at(),
         got.to_bits()
     );
 }
@@ -249,20 +250,22 @@ fn assert_attention_close(
 ) {
     let (d, kv_dim) = (s.head_dim, s.kv_dim());
     let scale = 1.0 / (d as f64).sqrt();
+    let mut weighted_abs = vec![0f64; d];
+    fn at(buf: &[f32], j: usize, kv_dim: usize, offset: usize, d: usize) -> &[f32] {
+        &buf[j * kv_dim + offset..][..d]
+    }
     for (t, query) in queries.iter().enumerate() {
         let lo = cpu::attention_window_start(query.pos, s.sliding_window);
         let len = query.pos + 1 - lo;
         for h in 0..s.n_heads {
             let kvh = h / s.group();
             let qh = &q[(t * s.n_heads + h) * d..][..d];
-            let kv = |buf: &[f32], j: usize| buf[j * kv_dim + kvh * d..][..d].to_vec();
             // Scores and their rounding bound, in f64.
             let mut scores = Vec::with_capacity(len);
             let mut max_ds = 0f64;
             for j in lo..=query.pos {
-                let k = kv(query.keys, j);
                 let (mut dot, mut mag) = (0f64, 0f64);
-                for (a, b) in qh.iter().zip(&k) {
+                for (a, b) in qh.iter().zip(at(query.keys, j, kv_dim, kvh * d, d)) {
                     let p = f64::from(a.to_f32()) * f64::from(*b);
                     dot += p;
                     mag += p.abs();
@@ -273,26 +276,30 @@ fn assert_attention_close(
             let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let total: f64 = w.iter().sum();
-            for c in 0..d {
-                let weighted_abs: f64 = (lo..=query.pos)
-                    .zip(&w)
-                    .map(|(j, w)| w / total * f64::from(kv(query.values, j)[c].abs()))
-                    .sum();
+            // Σⱼ pⱼ·|vⱼ| per element of the head.
+            weighted_abs.fill(0.0);
+            for (j, w) in (lo..=query.pos).zip(&w) {
+                for (acc, v) in weighted_abs
+                    .iter_mut()
+                    .zip(at(query.values, j, kv_dim, kvh * d, d))
+                {
+                    *acc += w / total * f64::from(v.abs());
+                }
+            }
+            for (c, wa) in weighted_abs.iter().enumerate() {
                 let i = (t * s.n_heads + h) * d + c;
                 let want = f64::from(expected[i]);
-                let tol = weighted_abs * (2.0 * max_ds + SUM_ORDER * (len + 8) as f64 * U32)
+                // Kernel and reference each round their L-term f32 sums and
+                // exponentials: SUM_ORDER·(L + 8)·u₃₂ for each side.
+                let tol = wa * (2.0 * max_ds + 2.0 * SUM_ORDER * (len + 8) as f64 * U32)
                     + 2.0 * U16 * want.abs()
                     + FP16_TINY;
-                assert_within(
-                    out[i],
-                    want,
-                    tol,
-                    "attention",
+                assert_within(out[i], want, tol, "attention", || {
                     format!(
                         " row {t} (pos {}, window {:?}) head {h} (kv head {kvh}) elem {c}; shape {s:?}",
                         query.pos, s.sliding_window
-                    ),
-                );
+                    )
+                });
             }
         }
     }
@@ -317,7 +324,7 @@ proptest! {
             for c in 0..n {
                 let want = f64::from(want[c]);
                 let tol = SUM_ORDER * n as f64 * U32 * want.abs() + 2.0 * U16 * want.abs() + FP16_TINY;
-                assert_within(y[r * n + c], want, tol, "rms_norm", format!(" y[{r},{c}], n {n}"));
+                assert_within(y[r * n + c], want, tol, "rms_norm", || format!(" y[{r},{c}], n {n}"));
             }
         }
     }
@@ -362,7 +369,7 @@ proptest! {
         cpu::swiglu(&mut want, &f32s(&up));
         for (i, w) in want.iter().enumerate() {
             let w = f64::from(*w);
-            assert_within(out[i], w, 2.0 * U16 * w.abs() + FP16_TINY, "swiglu", format!("[{i}]"));
+            assert_within(out[i], w, 2.0 * U16 * w.abs() + FP16_TINY, "swiglu", || format!("[{i}]"));
         }
     }
 
@@ -557,4 +564,157 @@ fn named_layer_edge_cases() {
     let x = download(gpu, &x);
     assert!(x[..4].iter().all(|v| v.is_finite()));
     assert!(x[4..].iter().all(|v| v.is_nan()));
+}
+
+/// The attention check itself, without a device: it accepts the reference's
+/// own output rounded to f16, and rejects the output of a neighbouring
+/// window or of the wrong KV head (so the GPU comparison cannot pass
+/// vacuously).
+#[test]
+fn attention_check_accepts_the_reference_and_rejects_neighbours() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let s = AttnShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+        sliding_window: Some(8),
+    };
+    let len = 30;
+    let keys = uniform(&mut rng, len * s.kv_dim(), 1.0);
+    let values = uniform(&mut rng, len * s.kv_dim(), 1.0);
+    let queries: Vec<cpu::Query> = [3usize, 8, 9, 29]
+        .iter()
+        .map(|&pos| cpu::Query {
+            pos,
+            keys: &keys,
+            values: &values,
+        })
+        .collect();
+    let q = uniform_f16(&mut rng, queries.len() * s.q_dim(), 1.0);
+    let mut expected = vec![0f32; q.len()];
+    cpu::attention(s, &f32s(&q), &queries, &mut expected);
+    let rounded: Vec<f16> = expected.iter().map(|&v| f16::from_f32(v)).collect();
+    assert_attention_close(s, &q, &queries, &rounded, &expected);
+
+    let wrong = |shape: AttnShape| {
+        let mut out = vec![0f32; q.len()];
+        cpu::attention(shape, &f32s(&q), &queries, &mut out);
+        let out: Vec<f16> = out.iter().map(|&v| f16::from_f32(v)).collect();
+        std::panic::catch_unwind(|| assert_attention_close(s, &q, &queries, &out, &expected))
+    };
+    let window_9 = AttnShape {
+        sliding_window: Some(9),
+        ..s
+    };
+    assert!(wrong(window_9).is_err(), "a window one wider must fail");
+    // Every head reading KV head 0 (as if n_kv_heads were 1 with group 4).
+    let one_kv_head = |_: ()| {
+        let (d, kv_dim) = (s.head_dim, s.kv_dim());
+        let k0: Vec<f32> = keys.chunks(kv_dim).flat_map(|r| r[..d].to_vec()).collect();
+        let v0: Vec<f32> = values
+            .chunks(kv_dim)
+            .flat_map(|r| r[..d].to_vec())
+            .collect();
+        let qs: Vec<cpu::Query> = queries
+            .iter()
+            .map(|x| cpu::Query {
+                pos: x.pos,
+                keys: &k0,
+                values: &v0,
+            })
+            .collect();
+        let shape = AttnShape { n_kv_heads: 1, ..s };
+        let mut out = vec![0f32; q.len()];
+        cpu::attention(shape, &f32s(&q), &qs, &mut out);
+        out.iter().map(|&v| f16::from_f32(v)).collect::<Vec<f16>>()
+    };
+    let out = one_kv_head(());
+    let caught =
+        std::panic::catch_unwind(|| assert_attention_close(s, &q, &queries, &out, &expected));
+    assert!(caught.is_err(), "reading the wrong KV head must fail");
+}
+
+/// An f32 model of `meswitch_attention`'s arithmetic (warp round-robin over
+/// positions, per-lane half2 partial dots, butterfly shuffle sums, online
+/// softmax, the shared-memory merge), rounded to f16: the tolerance above
+/// must accept it on long contexts and the largest head, or the first GPU run
+/// would fail on rounding alone. (It models the kernel's order of
+/// operations; the kernel itself is checked by the GPU tests.)
+fn attention_kernel_model(s: AttnShape, q: &[f16], queries: &[cpu::Query]) -> Vec<f16> {
+    const WARPS: usize = 4;
+    const LANES: usize = 32;
+    let (d, kv_dim) = (s.head_dim, s.kv_dim());
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![f16::ZERO; q.len()];
+    for (t, query) in queries.iter().enumerate() {
+        let lo = cpu::attention_window_start(query.pos, s.sliding_window);
+        for h in 0..s.n_heads {
+            let off = (h / s.group()) * d;
+            let qh = f32s(&q[(t * s.n_heads + h) * d..][..d]);
+            let mut states = Vec::new();
+            for w in 0..WARPS {
+                let (mut m, mut l, mut acc) = (f32::NEG_INFINITY, 0f32, vec![0f32; d]);
+                for j in (lo + w..=query.pos).step_by(WARPS) {
+                    let k = &query.keys[j * kv_dim + off..][..d];
+                    let mut lanes = [0f32; LANES];
+                    for (i, pair) in (0..d / 2).map(|i| (i, 2 * i)) {
+                        let lane = &mut lanes[i % LANES];
+                        *lane = qh[pair + 1].mul_add(k[pair + 1], qh[pair].mul_add(k[pair], *lane));
+                    }
+                    for o in [16, 8, 4, 2, 1] {
+                        let prev = lanes;
+                        for (l, v) in lanes.iter_mut().enumerate() {
+                            *v = prev[l] + prev[l ^ o];
+                        }
+                    }
+                    let sc = lanes[0] * scale;
+                    let m_new = m.max(sc);
+                    let (corr, p) = ((m - m_new).exp(), (sc - m_new).exp());
+                    l = l * corr + p;
+                    let v = &query.values[j * kv_dim + off..][..d];
+                    for (a, v) in acc.iter_mut().zip(v) {
+                        *a = p.mul_add(*v, *a * corr);
+                    }
+                    m = m_new;
+                }
+                states.push((m, l, acc));
+            }
+            let max_all = states.iter().fold(f32::NEG_INFINITY, |a, s| a.max(s.0));
+            let sw: Vec<f32> = states.iter().map(|s| (s.0 - max_all).exp()).collect();
+            let den: f32 = states.iter().zip(&sw).map(|(s, w)| s.1 * w).sum();
+            for c in 0..d {
+                let o: f32 = states.iter().zip(&sw).map(|(s, w)| s.2[c] * w).sum();
+                out[(t * s.n_heads + h) * d + c] = f16::from_f32(o / den);
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn attention_tolerance_covers_the_kernels_arithmetic(
+        head_dim in prop_oneof![Just(2usize), Just(64), Just(128), Just(256)],
+        group in prop_oneof![Just(1usize), Just(4)],
+        len in prop_oneof![1usize..=8, 200usize..=400],
+        window in prop_oneof![Just(None), (1usize..=64).prop_map(Some)],
+        seed in any::<u64>(),
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let s = AttnShape { n_heads: 2 * group, n_kv_heads: 2, head_dim, sliding_window: window };
+        let keys = f32s(&uniform_f16(&mut rng, len * s.kv_dim(), 1.0));
+        let values = f32s(&uniform_f16(&mut rng, len * s.kv_dim(), 1.0));
+        let queries: Vec<cpu::Query> = [0, len / 2, len - 1]
+            .iter()
+            .map(|&pos| cpu::Query { pos, keys: &keys, values: &values })
+            .collect();
+        // Queries up to ±2 make peaked softmaxes at d = 256 too.
+        let q = uniform_f16(&mut rng, queries.len() * s.q_dim(), 2.0);
+        let mut expected = vec![0f32; q.len()];
+        cpu::attention(s, &f32s(&q), &queries, &mut expected);
+        let modelled = attention_kernel_model(s, &q, &queries);
+        assert_attention_close(s, &q, &queries, &modelled, &expected);
+    }
 }
