@@ -80,6 +80,8 @@ pub enum LayerError {
     AttnShape(AttnShape, &'static str),
     #[error("head_dim {0} must be even and positive")]
     HeadDim(usize),
+    #[error("{0} must be positive")]
+    Empty(&'static str),
     #[error("{what} = {value} does not fit the kernel's 32-bit or grid limits")]
     TooLarge { what: &'static str, value: usize },
 }
@@ -179,11 +181,7 @@ impl RopeTable {
             return Err(LayerError::HeadDim(head_dim).into());
         }
         if max_positions == 0 {
-            return Err(LayerError::TooLarge {
-                what: "max_positions (must be positive)",
-                value: 0,
-            }
-            .into());
+            return Err(LayerError::Empty("max_positions").into());
         }
         u32_of("max_positions", max_positions)?;
         let inv_freq = rope_inv_freq(head_dim, theta);
@@ -265,11 +263,7 @@ impl DeviceKv {
         capacity: usize,
     ) -> Result<DeviceKv, OpsError> {
         if n_layers == 0 || kv_dim == 0 || capacity == 0 {
-            return Err(LayerError::TooLarge {
-                what: "cache dimension (n_layers, kv_dim and capacity must be positive)",
-                value: 0,
-            }
-            .into());
+            return Err(LayerError::Empty("KV cache (n_layers, kv_dim and capacity)").into());
         }
         u32_of("cache capacity", capacity)?;
         u32_of("kv_dim", kv_dim)?;
