@@ -19,10 +19,11 @@
 use std::collections::BTreeMap;
 
 use meswitch_reference::container::BaseIdentity;
+use meswitch_reference::BaseView;
 
 use super::experts::{Expert, ExpertMatrix, ExpertParser};
 use super::linear::{multi_expert_linear, ExpertLinear};
-use super::numerics::{attention_llama_cpp, round_f16, round_q8_rows, Numerics};
+use super::numerics::{add_q4_1_sum_term, attention_llama_cpp, round_f16, round_q8_rows, Numerics};
 use super::ops::{attention, rms_norm, rope, rope_inv_freq, swiglu, AttnShape, Query};
 use super::weights::{Matrix, Proj, WeightSource, Weights};
 use super::{Backend, ExpertId, LogitsWanted, ModelConfig, ModelError, SeqStep};
@@ -77,8 +78,15 @@ pub struct CpuBackend {
 
 impl CpuBackend {
     pub fn load(src: &dyn WeightSource) -> Result<CpuBackend, ModelError> {
+        CpuBackend::load_with(src, Numerics::Exact)
+    }
+
+    /// Loads for the given [`Numerics`]: `LlamaCpp` keeps each weight's
+    /// FP16 residual so products use the source's exact values (twice the
+    /// weight memory).
+    pub fn load_with(src: &dyn WeightSource, numerics: Numerics) -> Result<CpuBackend, ModelError> {
         let config = ModelConfig::from_hf(&src.hf_config())?;
-        let weights = Weights::load(src, &config)?;
+        let weights = Weights::load_with(src, &config, numerics == Numerics::LlamaCpp)?;
         Ok(CpuBackend {
             inv_freq: rope_inv_freq(config.head_dim, config.rope_theta),
             max_context: config
@@ -89,7 +97,7 @@ impl CpuBackend {
             config,
             weights,
             experts: Vec::new(),
-            numerics: Numerics::default(),
+            numerics,
         })
     }
 
@@ -114,7 +122,9 @@ impl CpuBackend {
     }
 
     /// Chooses how activations are rounded (see [`Numerics`]). Caches made
-    /// under one setting should not be continued under another.
+    /// under one setting should not be continued under another. Switching
+    /// to `LlamaCpp` after an `Exact` load rounds like llama.cpp but on
+    /// FP16-rounded weights; [`Self::load_with`] keeps the exact ones.
     pub fn set_numerics(&mut self, numerics: Numerics) {
         self.numerics = numerics;
     }
@@ -166,8 +176,32 @@ impl CpuBackend {
         let mut y = vec![0f32; rows.len() * base.out_features];
         if self.numerics == Numerics::LlamaCpp {
             let mut xq = x.to_vec();
-            round_q8_rows(&mut xq, base.in_features);
+            let corrections = round_q8_rows(&mut xq, base.in_features);
             multi_expert_linear(&base.view(), &list, &xq, &row_expert, &mut y)?;
+            // Rows on a dense expert replacement never touch the base.
+            let uses_base = |r: usize| match row_expert[r] {
+                None => true,
+                Some(e) => matches!(list[e as usize], ExpertLinear::Delta(_)),
+            };
+            if let Some(lo) = &base.f16_residual {
+                let view = BaseView {
+                    out_features: base.out_features,
+                    in_features: base.in_features,
+                    weights: lo,
+                };
+                let mut part = vec![0f32; y.len()];
+                let none = vec![None; rows.len()];
+                multi_expert_linear(&view, &[], &xq, &none, &mut part)?;
+                let out = base.out_features;
+                for (r, (yr, pr)) in y.chunks_mut(out).zip(part.chunks(out)).enumerate() {
+                    if uses_base(r) {
+                        add_in_place(yr, pr);
+                    }
+                }
+            }
+            if let Some(mins) = &base.q4_1_mins {
+                add_q4_1_sum_term(&mut y, base.out_features, mins, &corrections, uses_base);
+            }
         } else {
             multi_expert_linear(&base.view(), &list, x, &row_expert, &mut y)?;
         }
@@ -266,6 +300,11 @@ impl CpuBackend {
                     let src = &self.weights.embed.weights[tok * hd..(tok + 1) * hd];
                     for (d, w) in dst.iter_mut().zip(src) {
                         *d = w.to_f32();
+                    }
+                    if let Some(lo) = &self.weights.embed.f16_residual {
+                        for (d, w) in dst.iter_mut().zip(&lo[tok * hd..(tok + 1) * hd]) {
+                            *d += w.to_f32();
+                        }
                     }
                 }
             }

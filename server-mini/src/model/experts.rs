@@ -134,6 +134,8 @@ impl Expert {
                         out_features: o,
                         in_features: i,
                         weights: values,
+                        q4_1_mins: None,
+                        f16_residual: None,
                     })
                 }
             })

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{CpuBackend, GgufSource, ModelError};
+use super::{CpuBackend, GgufSource, ModelError, Numerics};
 use crate::checkpoint::Checkpoint;
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
@@ -24,17 +24,22 @@ pub fn is_gguf(path: &Path) -> bool {
 /// Loads the weights on the CPU backend and the tokenizer (from the GGUF
 /// metadata, or `tokenizer.json` next to the checkpoint).
 pub fn load_cpu(path: &Path) -> Result<LoadedModel, ModelError> {
+    load_cpu_with(path, Numerics::Exact)
+}
+
+/// [`load_cpu`] for the given [`Numerics`] (see [`CpuBackend::load_with`]).
+pub fn load_cpu_with(path: &Path, numerics: Numerics) -> Result<LoadedModel, ModelError> {
     if is_gguf(path) {
         let file = GgufFile::open(path).map_err(|e| ModelError::Source(e.to_string()))?;
         let tokenizer =
             Tokenizer::from_gguf(&file).map_err(|e| ModelError::Source(e.to_string()))?;
-        let backend = CpuBackend::load(&GgufSource::new(file))?;
+        let backend = CpuBackend::load_with(&GgufSource::new(file), numerics)?;
         Ok(LoadedModel { backend, tokenizer })
     } else {
         let ckpt = Checkpoint::open(path).map_err(|e| ModelError::Source(e.to_string()))?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))
             .map_err(|e| ModelError::Source(e.to_string()))?;
-        let backend = CpuBackend::load(&ckpt)?;
+        let backend = CpuBackend::load_with(&ckpt, numerics)?;
         Ok(LoadedModel { backend, tokenizer })
     }
 }

@@ -30,7 +30,7 @@ use thiserror::Error;
 pub use config::ModelConfig;
 pub use cpu::{CpuBackend, KvCache};
 pub use experts::{Expert, ExpertParser};
-pub use load::{load_cpu, LoadedModel};
+pub use load::{load_cpu, load_cpu_with, LoadedModel};
 pub use numerics::Numerics;
 pub use weights::{GgufSource, MemorySource, WeightSource, Weights};
 

@@ -11,7 +11,10 @@
 //! moves the residual stream by ~1% per layer; near-ties in the logits can
 //! then flip. [`Numerics::LlamaCpp`] reproduces those roundings (not the
 //! integer kernels themselves: the 8-bit values are multiplied in f32, which
-//! is exact for the products and differs only in summation order).
+//! is exact for the products and differs only in summation order), the
+//! FP16-rounded block sum of the Q4_1 × Q8_1 dot product
+//! ([`add_q4_1_sum_term`]), and, when loaded with
+//! [`super::CpuBackend::load_with`], the exact (not FP16-rounded) weights.
 //!
 //! ```text
 //!   Q8 block of 32 activations (ggml's AVX2 quantize_row_q8_0/q8_1):
@@ -53,21 +56,63 @@ impl std::str::FromStr for Numerics {
 
 /// Rounds `x` in place to the values of its Q8 blocks, block boundaries
 /// counted from the start of each row of `row_len` (a partial last block is
-/// a block of its own, as in ggml for row lengths that are not multiples of
-/// 32 — which llama.cpp only allows for some types; it is harmless here).
-pub fn round_q8_rows(x: &mut [f32], row_len: usize) {
+/// a block of its own; llama.cpp never has one for the types it quantizes
+/// activations against). Returns, per row and block, what llama.cpp's Q4_1
+/// dot product sees differently: it adds `m · s` with the block sum
+/// `s = fp16(amax/127 · Σq)` (unrounded scale, rounded sum), where
+/// `Σ x̃ = fp16(amax/127) · Σq` is what the rounded values give. So
+/// `x̃·w + Σ_blocks m·correction` is llama.cpp's Q4_1 × Q8_1 product.
+///
+/// ```text
+///   corrections: [rows][ceil(row_len / 32)]   fp16(d·Σq) − fp16(d)·Σq
+/// ```
+pub fn round_q8_rows(x: &mut [f32], row_len: usize) -> Vec<f32> {
+    let mut corrections = Vec::with_capacity(x.len().div_ceil(Q8_BLOCK));
     for row in x.chunks_mut(row_len) {
         for block in row.chunks_mut(Q8_BLOCK) {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             if amax == 0.0 {
                 block.fill(0.0);
+                corrections.push(0.0);
                 continue;
             }
             let id = Q8_MAX / amax;
-            let d = f16::from_f32(amax / Q8_MAX).to_f32();
+            let d = amax / Q8_MAX;
+            let d16 = f16::from_f32(d).to_f32();
+            let mut sum_q = 0f32;
             for v in block.iter_mut() {
-                *v = d * (*v * id).round_ties_even();
+                let q = (*v * id).round_ties_even();
+                sum_q += q;
+                *v = d16 * q;
             }
+            corrections.push(f16::from_f32(d * sum_q).to_f32() - d16 * sum_q);
+        }
+    }
+    corrections
+}
+
+/// Adds llama.cpp's Q4_1 block-sum term (see [`round_q8_rows`]) to the
+/// rows of `y [rows, out]` that `uses_base` selects: `y[r][o] +=
+/// Σ_b mins[o][b] · corrections[r][b]`.
+pub fn add_q4_1_sum_term(
+    y: &mut [f32],
+    out: usize,
+    mins: &[f16],
+    corrections: &[f32],
+    uses_base: impl Fn(usize) -> bool,
+) {
+    let blocks = mins.len() / out;
+    for (r, (yr, cr)) in y
+        .chunks_mut(out)
+        .zip(corrections.chunks(blocks))
+        .enumerate()
+    {
+        if !uses_base(r) {
+            continue;
+        }
+        for (o, v) in yr.iter_mut().enumerate() {
+            let m = &mins[o * blocks..(o + 1) * blocks];
+            *v += m.iter().zip(cr).map(|(a, c)| a.to_f32() * c).sum::<f32>();
         }
     }
 }
@@ -155,7 +200,8 @@ mod tests {
     fn q8_rounding_keeps_the_block_max_and_is_idempotent_in_shape() {
         let mut x: Vec<f32> = (0..70).map(|i| ((i as f32) * 0.731).sin() * 3.0).collect();
         let orig = x.clone();
-        round_q8_rows(&mut x, 70);
+        let corr = round_q8_rows(&mut x, 70);
+        assert_eq!(corr.len(), 3);
         for (b, (r, o)) in x.chunks(Q8_BLOCK).zip(orig.chunks(Q8_BLOCK)).enumerate() {
             let amax = o.iter().fold(0f32, |m, v| m.max(v.abs()));
             // Each value moves by at most half a step (plus the FP16 scale's rounding).
@@ -166,8 +212,61 @@ mod tests {
         }
         assert_ne!(x, orig, "8-bit rounding must change generic values");
         let mut zeros = vec![0f32; 40];
-        round_q8_rows(&mut zeros, 40);
+        assert_eq!(round_q8_rows(&mut zeros, 40), vec![0.0, 0.0]);
         assert!(zeros.iter().all(|v| *v == 0.0));
+    }
+
+    /// `x̃·w + Σ m·correction` equals llama.cpp's Q4_1 × Q8_1 dot product
+    /// `Σ_b d_w·fp16(d_x)·Σ q_w q_x + m·fp16(d_x·Σ q_x)`, written out here
+    /// block by block from the quantized values.
+    #[test]
+    fn q4_1_sum_term_reproduces_the_q4_1_q8_1_dot_product() {
+        let (out, inp) = (3, 64);
+        let blocks = inp / Q8_BLOCK;
+        let d_w: Vec<f32> = (0..out * blocks).map(|i| 0.01 + 0.003 * i as f32).collect();
+        let m_w: Vec<f16> = (0..out * blocks)
+            .map(|i| f16::from_f32(-0.08 - 0.01 * i as f32))
+            .collect();
+        let q_w: Vec<f32> = (0..out * inp).map(|i| ((i * 7 + 3) % 16) as f32).collect();
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| d_w[i / Q8_BLOCK] * q_w[i] + m_w[i / Q8_BLOCK].to_f32())
+            .collect();
+        let x: Vec<f32> = (0..inp).map(|i| (i as f32 * 0.37).sin() * 1.7).collect();
+
+        let mut xq = x.clone();
+        let corrections = round_q8_rows(&mut xq, inp);
+        let mut ours: Vec<f32> = (0..out)
+            .map(|o| (0..inp).map(|i| w[o * inp + i] * xq[i]).sum())
+            .collect();
+        add_q4_1_sum_term(&mut ours, out, &m_w, &corrections, |_| true);
+
+        for o in 0..out {
+            let mut want = 0f32;
+            for b in 0..blocks {
+                let xb = &x[b * Q8_BLOCK..(b + 1) * Q8_BLOCK];
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / Q8_MAX;
+                let q_x: Vec<f32> = xb
+                    .iter()
+                    .map(|v| (v * (Q8_MAX / amax)).round_ties_even())
+                    .collect();
+                let dot: f32 = (0..Q8_BLOCK)
+                    .map(|j| q_w[o * inp + b * Q8_BLOCK + j] * q_x[j])
+                    .sum();
+                let s = f16::from_f32(d * q_x.iter().sum::<f32>()).to_f32();
+                want += d_w[o * blocks + b] * f16::from_f32(d).to_f32() * dot
+                    + m_w[o * blocks + b].to_f32() * s;
+            }
+            assert!(
+                (ours[o] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{o}: {} vs {want}",
+                ours[o]
+            );
+        }
+        // Without the term the product is measurably off (what FP16 sums miss).
+        let plain: f32 = (0..inp).map(|i| w[i] * xq[i]).sum();
+        assert!(corrections.iter().any(|c| *c != 0.0));
+        assert_ne!(plain, ours[0]);
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub trait WeightSource: Sync {
             .map(f16::from_f32)
             .collect())
     }
+    /// Q4_1 block minima of a matrix stored as Q4_1 (`[out, in / 32]`), for
+    /// [`super::Numerics::LlamaCpp`]; `None` for any other storage.
+    fn q4_1_mins(&self, _name: &str) -> Result<Option<Vec<f16>>, ModelError> {
+        Ok(None)
+    }
     /// The identity experts are checked against.
     fn identity(&self) -> BaseIdentity {
         let tensors: Vec<(String, Vec<usize>)> = self.shapes().into_iter().collect();
@@ -99,6 +104,15 @@ impl WeightSource for GgufSource {
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         self.file
             .tensor_f32(gguf)
+            .map_err(|e| ModelError::Source(e.to_string()))
+    }
+    fn q4_1_mins(&self, name: &str) -> Result<Option<Vec<f16>>, ModelError> {
+        let (gguf, _) = self
+            .by_hf
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        self.file
+            .tensor_q4_1_mins(gguf)
             .map_err(|e| ModelError::Source(e.to_string()))
     }
 }
@@ -199,12 +213,26 @@ pub mod names {
     }
 }
 
+/// Weights per Q4_1 block (ggml `QK4_1`).
+pub const Q4_1_BLOCK: usize = 32;
+
 /// A dense FP16 matrix `[out, in]`, row-major.
 #[derive(Clone, Debug)]
 pub struct Matrix {
     pub out_features: usize,
     pub in_features: usize,
     pub weights: Vec<f16>,
+    /// When the source stored this matrix as Q4_1: each 32-weight block's
+    /// minimum `[out, in / 32]` (3% of the FP16 weights), which
+    /// [`super::Numerics::LlamaCpp`] needs; `None` otherwise.
+    pub q4_1_mins: Option<Vec<f16>>,
+    /// `w − fp16(w)` rounded to FP16, when loaded for
+    /// [`super::Numerics::LlamaCpp`]: `weights + residual` carries ~22
+    /// significant bits, enough for the exact values of Q8_0/Q4_1 blocks
+    /// that FP16 alone rounds (llama.cpp multiplies the exact values, and
+    /// its 8-bit activation rounding turns such small differences into
+    /// whole quantization steps downstream).
+    pub f16_residual: Option<Vec<f16>>,
 }
 
 impl Matrix {
@@ -253,9 +281,21 @@ fn load_matrix(
     shapes: &BTreeMap<String, Vec<usize>>,
     name: &str,
     shape: [usize; 2],
+    keep_residual: bool,
 ) -> Result<Matrix, ModelError> {
     check_shape(shapes, name, &shape)?;
-    let weights = src.tensor_f16(name)?;
+    let (weights, f16_residual) = if keep_residual {
+        let exact = src.tensor_f32(name)?;
+        let hi: Vec<f16> = exact.iter().map(|&w| f16::from_f32(w)).collect();
+        let lo = exact
+            .iter()
+            .zip(&hi)
+            .map(|(&w, h)| f16::from_f32(w - h.to_f32()))
+            .collect();
+        (hi, Some(lo))
+    } else {
+        (src.tensor_f16(name)?, None)
+    };
     if weights.len() != shape[0] * shape[1] {
         return Err(ModelError::TensorShape {
             name: name.to_string(),
@@ -263,10 +303,22 @@ fn load_matrix(
             found: vec![weights.len()],
         });
     }
+    let q4_1_mins = src.q4_1_mins(name)?;
+    if let Some(m) = &q4_1_mins {
+        if shape[1] % Q4_1_BLOCK != 0 || m.len() != shape[0] * shape[1] / Q4_1_BLOCK {
+            return Err(ModelError::TensorShape {
+                name: format!("{name} (Q4_1 block minima)"),
+                expected: vec![shape[0], shape[1] / Q4_1_BLOCK],
+                found: vec![m.len()],
+            });
+        }
+    }
     Ok(Matrix {
         out_features: shape[0],
         in_features: shape[1],
         weights,
+        q4_1_mins,
+        f16_residual,
     })
 }
 
@@ -292,8 +344,24 @@ impl Weights {
     /// Loads and shape-checks every tensor the forward pass needs. Layers
     /// load in parallel (GGUF sources dequantize on the way).
     pub fn load(src: &dyn WeightSource, c: &ModelConfig) -> Result<Weights, ModelError> {
+        Weights::load_with(src, c, false)
+    }
+
+    /// [`Self::load`], keeping each matrix's [`Matrix::f16_residual`] when
+    /// `keep_residual` (for [`super::Numerics::LlamaCpp`]; twice the memory).
+    pub fn load_with(
+        src: &dyn WeightSource,
+        c: &ModelConfig,
+        keep_residual: bool,
+    ) -> Result<Weights, ModelError> {
         let shapes = src.shapes();
-        let embed = load_matrix(src, &shapes, names::EMBED, [c.vocab_size, c.hidden_size])?;
+        let embed = load_matrix(
+            src,
+            &shapes,
+            names::EMBED,
+            [c.vocab_size, c.hidden_size],
+            keep_residual,
+        )?;
         let layers = (0..c.num_layers)
             .into_par_iter()
             .map(|l| {
@@ -302,7 +370,10 @@ impl Weights {
                     post_norm: load_vector(src, &shapes, &names::post_norm(l), c.hidden_size)?,
                     proj: Proj::ALL
                         .iter()
-                        .map(|&p| load_matrix(src, &shapes, &names::proj(l, p), p.shape(c)))
+                        .map(|&p| {
+                            let name = names::proj(l, p);
+                            load_matrix(src, &shapes, &name, p.shape(c), keep_residual)
+                        })
                         .collect::<Result<_, ModelError>>()?,
                 })
             })
@@ -316,6 +387,7 @@ impl Weights {
                 &shapes,
                 names::LM_HEAD,
                 [c.vocab_size, c.hidden_size],
+                keep_residual,
             )?)
         } else if c.tie_word_embeddings {
             None
