@@ -333,3 +333,53 @@ fn sliding_window_limits_what_the_last_token_sees() {
     base.config["sliding_window"] = serde_json::json!(2);
     assert_eq!(logits_for(&base, &a), logits_for(&base, &b));
 }
+
+/// Under a sliding window the cache drops what no later query can see: it
+/// never holds more than 2·window positions, and decoding token by token
+/// through those drops gives the logits of one prefill of the whole
+/// sequence (which keeps everything until it ends).
+#[test]
+fn sliding_window_cache_stays_bounded_and_exact() {
+    let mut base = base_model(11);
+    let window = 5;
+    base.config["sliding_window"] = serde_json::json!(window);
+    let b = CpuBackend::load(&base).unwrap();
+    let vocab = b.config().vocab_size;
+    let tokens: Vec<u32> = (0..40u32).map(|i| (i * 7 + 3) % vocab as u32).collect();
+
+    let mut whole = b.new_cache();
+    let all = b
+        .forward(&mut [SeqStep {
+            tokens: &tokens,
+            cache: &mut whole,
+            expert: None,
+            logits: LogitsWanted::From(0),
+        }])
+        .unwrap()
+        .remove(0);
+
+    let mut cache = b.new_cache();
+    let mut most_stored = 0;
+    for (i, t) in tokens.iter().enumerate() {
+        let step = b
+            .forward(&mut [SeqStep {
+                tokens: std::slice::from_ref(t),
+                cache: &mut cache,
+                expert: None,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .remove(0);
+        most_stored = most_stored.max(cache.stored_positions());
+        let want = &all[i * vocab..(i + 1) * vocab];
+        // Same products, possibly summed in another order across batch sizes.
+        assert!(
+            max_diff(&step, want) < 1e-4,
+            "token {i}: {}",
+            max_diff(&step, want)
+        );
+    }
+    assert_eq!(cache.len(), tokens.len());
+    assert!(most_stored < 2 * window, "stored {most_stored} positions");
+    assert!(cache.stored_positions() < tokens.len());
+}

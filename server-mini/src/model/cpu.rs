@@ -35,12 +35,22 @@ mod hidden;
 /// Context limit when the config names none.
 const DEFAULT_MAX_CONTEXT: usize = 4096;
 
-/// A sequence's keys and values, per layer `[len, kv_dim]` (post-RoPE keys).
+/// A sequence's keys and values, per layer, post-RoPE keys. Under a
+/// sliding window of `w` no later query looks below position `len − w + 1`,
+/// so older positions are dropped once `2·w` are stored (amortised: one
+/// shift per `w` tokens), which bounds the cache at `2·w` positions:
+///
+/// ```text
+///   absolute positions:  0 ........ start ................ len
+///   stored k[l], v[l]:              [start, len) · kv_dim floats
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     len: usize,
+    /// Absolute position of the first stored entry.
+    start: usize,
     /// Floats per position per layer, set on first use.
     kv_dim: usize,
 }
@@ -52,15 +62,38 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Positions held in memory (at most `2·window` under a sliding window).
+    pub fn stored_positions(&self) -> usize {
+        self.len - self.start
+    }
     /// Forgets everything (the sequence restarts at position 0).
     pub fn clear(&mut self) {
-        self.truncate(0);
-    }
-    fn truncate(&mut self, len: usize) {
         for c in self.k.iter_mut().chain(self.v.iter_mut()) {
-            c.truncate(len * self.kv_dim);
+            c.clear();
+        }
+        self.len = 0;
+        self.start = 0;
+    }
+    /// Back to `len` tokens (a failed step's rollback; never below `start`,
+    /// since positions are only dropped after a step succeeds).
+    fn truncate(&mut self, len: usize) {
+        let keep = len.saturating_sub(self.start);
+        for c in self.k.iter_mut().chain(self.v.iter_mut()) {
+            c.truncate(keep * self.kv_dim);
         }
         self.len = len;
+    }
+    /// Drops positions no later query can see under `window`.
+    fn drop_outside(&mut self, window: usize) {
+        if self.stored_positions() < 2 * window {
+            return;
+        }
+        let new_start = self.len - window;
+        let drop = (new_start - self.start) * self.kv_dim;
+        for c in self.k.iter_mut().chain(self.v.iter_mut()) {
+            c.drain(..drop);
+        }
+        self.start = new_start;
     }
 }
 
@@ -360,10 +393,15 @@ impl CpuBackend {
             let queries: Vec<Query> = row_seq
                 .iter()
                 .zip(&row_pos)
-                .map(|(&s, &pos)| Query {
-                    pos,
-                    keys: &batch[s].cache.k[l],
-                    values: &batch[s].cache.v[l],
+                .map(|(&s, &pos)| {
+                    // Positions relative to the first stored one: the window
+                    // start moves with them, and nothing it needs was dropped.
+                    let cache = &batch[s].cache;
+                    Query {
+                        pos: pos - cache.start,
+                        keys: &cache.k[l],
+                        values: &cache.v[l],
+                    }
                 })
                 .collect();
             let mut attn = vec![0f32; n * q_dim];
@@ -494,11 +532,19 @@ impl Backend for CpuBackend {
         self.validate(batch)?;
         let lens: Vec<usize> = batch.iter().map(|s| s.cache.len).collect();
         let result = self.forward_unchecked(batch);
-        if result.is_err() {
-            // Leave every cache as it was before the step.
-            for (s, len) in batch.iter_mut().zip(lens) {
-                s.cache.truncate(len);
+        match (&result, self.config.sliding_window) {
+            (Err(_), _) => {
+                // Leave every cache as it was before the step.
+                for (s, len) in batch.iter_mut().zip(lens) {
+                    s.cache.truncate(len);
+                }
             }
+            (Ok(_), Some(window)) => {
+                for s in batch.iter_mut() {
+                    s.cache.drop_outside(window);
+                }
+            }
+            (Ok(_), None) => {}
         }
         result
     }
