@@ -1,5 +1,6 @@
-//! Building a server from paths: load the base model on the CPU, its
-//! tokenizer and chat template, an optional router, and start the engine.
+//! Building a server from paths: load the base model (CPU, or a backend
+//! the caller loaded, e.g. CUDA), its tokenizer and chat template, an
+//! optional router, and start the engine.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use super::admin::AdminConfig;
 use super::app::{AppState, Limits, AUTO_MODEL};
 use super::prompt::{chat_template_for, Prompter};
 use crate::engine::{Engine, EngineConfig, EngineError, ExpertSource, Router};
-use crate::model::{load_cpu, CpuBackend};
+use crate::model::{load_cpu, Backend, CpuBackend};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,22 +68,34 @@ pub fn experts_from_files(files: &[PathBuf]) -> Vec<ExpertSource> {
 }
 
 /// Builds the router once the base model is loaded (it may need the model's
-/// hidden states and tokenizer, e.g. to train).
-pub type MakeRouter<'a> = Box<
-    dyn FnOnce(&CpuBackend, &Tokenizer) -> Result<Option<Box<dyn Router<CpuBackend>>>, ServeError>
-        + 'a,
->;
+/// hidden states and tokenizer, e.g. to train). `B` is the backend the
+/// engine computes on (and the router runs on).
+pub type MakeRouter<'a, B = CpuBackend> =
+    Box<dyn FnOnce(&B, &Tokenizer) -> Result<Option<Box<dyn Router<B>>>, ServeError> + 'a>;
 
-/// Loads the model, builds the router, starts the engine.
+/// Loads the model on the CPU, builds the router, starts the engine.
 pub fn build_state(
-    mut cfg: ServeConfig,
+    cfg: ServeConfig,
     make_router: MakeRouter<'_>,
 ) -> Result<Arc<AppState>, ServeError> {
-    let shown = cfg.base.display().to_string();
     let loaded = load_cpu(&cfg.base).map_err(|e| ServeError::Base {
-        path: shown.clone(),
+        path: cfg.base.display().to_string(),
         why: e.to_string(),
     })?;
+    let context = loaded.backend.max_context();
+    build_state_on(cfg, loaded.backend, loaded.tokenizer, context, make_router)
+}
+
+/// Builds the router and starts the engine on an already loaded backend
+/// (CPU or CUDA) whose context limit is `backend_context`.
+pub fn build_state_on<B: Backend + Send + 'static>(
+    mut cfg: ServeConfig,
+    backend: B,
+    tokenizer: Tokenizer,
+    backend_context: usize,
+    make_router: MakeRouter<'_, B>,
+) -> Result<Arc<AppState>, ServeError> {
+    let shown = cfg.base.display().to_string();
     let template = chat_template_for(&cfg.base).map_err(|e| ServeError::Template {
         path: shown,
         why: e.to_string(),
@@ -101,16 +114,19 @@ pub fn build_state(
             return Err(ServeError::ExpertName(e.name.clone()));
         }
     }
-    let backend = loaded.backend;
-    let tokenizer = loaded.tokenizer;
     let router = make_router(&backend, &tokenizer)?;
-    let context = cfg.engine.max_context.min(backend.max_context());
+    let context = cfg.engine.max_context.min(backend_context);
+    if context < 2 {
+        return Err(ServeError::Config(format!(
+            "context limit {context} leaves no room for a prompt and a token"
+        )));
+    }
     cfg.engine.max_context = context;
     cfg.limits.max_context = context;
     if cfg.limits.max_tokens >= context {
         cfg.limits.max_tokens = context - 1;
     }
-    let vocab = crate::model::Backend::config(&backend).vocab_size;
+    let vocab = backend.config().vocab_size;
     let eos = tokenizer.eos_ids().to_vec();
     let prompter = Prompter::new(tokenizer, template, vocab);
     let routing = router.is_some();
