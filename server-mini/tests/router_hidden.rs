@@ -2,15 +2,16 @@
 //! and the real SmolLM2-135M GGUF, against the char 2–5-gram TF-IDF baseline
 //! trained and scored on the same queries in the same run.
 //!
-//! NOT MET: the target is a router that beats that baseline. With
-//! the measured defaults (layer 15 of 30, mean pooling, ≤64 chat-templated
-//! tokens) it does not: on the full dev split `meswitch router eval` gave
-//! 0.9640 against the baseline's 0.9876 (CPU, this machine), and on the
-//! third of the data the layer sweep used the best setting tied it
-//! (0.9665 vs 0.9665). Layer 23, ≤128 tokens, L2 1e-5 (twice the cost)
-//! reached 0.9727 on the full dev split, still under. So this test asserts what holds and catches a broken
-//! feature path (wrong layer, shuffled rows, a stale prefix): far above
-//! chance, and within MAX_GAP of the baseline.
+//! MET (measured by hand on the full splits, CPU, this machine, 2026-11-25):
+//! with the defaults (layer 6 of 30, RMS-normalised mean pooling, ≤1024
+//! chat-templated tokens, L-BFGS-fitted softmax) `meswitch router eval` scored
+//! 0.9901 (797/805) on the full dev split against the TF-IDF baseline's
+//! 0.9876 (795/805) in the same run, trained on all 2416 train queries (from
+//! the feature cache of `meswitch router features`; the cached features
+//! equal live ones to 1e-6). The margin is two queries. This test, on a
+//! subset, asserts what holds there with room for noise: far above chance,
+//! and not under the baseline by more than MAX_GAP (measured: hidden 0.9503,
+//! TF-IDF 0.9130 on this subset).
 //!
 //! Runtime: the base model runs every query on CPU, so the test uses a
 //! stratified subset (every TRAIN_EVERY-th train query, every DEV_EVERY-th
@@ -36,12 +37,13 @@ use meswitch_server::testdata;
 const TRAIN_EVERY: usize = 8;
 const DEV_EVERY: usize = 5;
 /// Accuracy the router must reach on the dev subset: 7 domains, the largest
-/// 19% of the queries; broken features land near that.
-const MIN_ACCURACY: f64 = 0.9;
-/// How far under the TF-IDF baseline the router may score (measured gaps:
-/// 0.024 on the full dev split, 0.025 with every 6th train / 4th dev query,
-/// 0 on every 3rd; a few dev queries more or less move it by a point).
-const MAX_GAP: f64 = 0.05;
+/// 19% of the queries; broken features land near that. Measured 0.9503 (8
+/// of 161 wrong); this allows three more misses.
+const MIN_ACCURACY: f64 = 0.93;
+/// How far under the TF-IDF baseline the router may score on the subset
+/// (measured: 0.037 *above* it; one dev query is 0.0062, so this allows
+/// two queries of bad luck, not a lost margin).
+const MAX_GAP: f64 = 0.0125;
 
 fn every(v: Vec<LabelledQuery>, n: usize) -> Vec<LabelledQuery> {
     v.into_iter().step_by(n).collect()

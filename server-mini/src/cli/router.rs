@@ -1,5 +1,8 @@
-//! `meswitch router train | eval | sweep`: the domain router on the base
-//! model's hidden states (CPU), and the TF-IDF baseline it has to beat.
+//! `meswitch router train | eval | sweep | features`: the domain router on
+//! the base model's hidden states (CPU), and the TF-IDF baseline it has to
+//! beat. `features` saves pooled hidden states of a data file once
+//! (router::feature_cache); `train --features` and `eval --features` reuse
+//! them instead of running the model.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,7 +16,7 @@ use crate::model::load::is_gguf;
 use crate::model::{load_cpu, Backend, LoadedModel};
 use crate::router::dataset::{label_indices, read_jsonl, LabelledQuery};
 use crate::router::hidden::{
-    HiddenRouter, HiddenRouterSettings, Pooling, Tokenize, DEFAULT_L2, DEFAULT_MAX_TOKENS,
+    HiddenRouter, HiddenRouterSettings, Pooling, Solver, Tokenize, DEFAULT_L2, DEFAULT_MAX_TOKENS,
     PROMPT_CHAT, PROMPT_RAW,
 };
 use crate::router::hidden_sweep::{labels_in, sweep_features, sweep_scores, SweepSetup};
@@ -34,6 +37,27 @@ enum RouterCommand {
     Train(TrainArgs),
     Eval(EvalArgs),
     Sweep(SweepArgs),
+    Features(FeaturesArgs),
+}
+
+/// Runs the model once over labelled queries and saves pooled hidden-state
+/// statistics at several layers and token cuts (router::feature_cache).
+#[derive(Parser, Debug)]
+struct FeaturesArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Comma-separated layers (n_layers = after the final norm).
+    #[arg(long, value_delimiter = ',', required = true)]
+    layers: Vec<usize>,
+    /// Comma-separated token cuts; the model runs up to the largest.
+    #[arg(long, value_delimiter = ',', default_values_t = [64, 128, 256, 512])]
+    cuts: Vec<usize>,
+    #[arg(long)]
+    raw: bool,
 }
 
 /// Trains a router on labelled queries (JSON Lines {"text","domain"}) and writes it.
@@ -50,15 +74,20 @@ struct TrainArgs {
     /// final norm). Default: the measured choice (HiddenRouterSettings::for_model).
     #[arg(long)]
     layer: Option<usize>,
-    /// mean | last | mean+last
-    #[arg(long, default_value = "mean", value_parser = parse_pooling)]
-    pooling: Pooling,
+    /// mean | last | mean+last | normed-mean. Default: the measured choice.
+    #[arg(long, value_parser = parse_pooling)]
+    pooling: Option<Pooling>,
     /// Prompt tokens run at most (bounds routing latency).
     #[arg(long, default_value_t = DEFAULT_MAX_TOKENS)]
     max_tokens: usize,
     /// Train on the bare text instead of the chat-templated prompt the server routes.
     #[arg(long)]
     raw: bool,
+    /// Take the features from a cache written by `router features` over the
+    /// same --data (same prompt format; it must hold the layer and the
+    /// --max-tokens cut) instead of running the model.
+    #[arg(long)]
+    features: Option<PathBuf>,
     #[command(flatten)]
     fit: FitArgs,
 }
@@ -71,6 +100,13 @@ struct FitArgs {
     /// L2 penalty on the classifier weights.
     #[arg(long, default_value_t = DEFAULT_L2)]
     l2: f32,
+    /// lbfgs (full batch, to convergence) | sgd (AdaGrad, --epochs passes).
+    #[arg(long, default_value = "lbfgs", value_parser = parse_solver)]
+    solver: Solver,
+}
+
+fn parse_solver(s: &str) -> Result<Solver, String> {
+    Solver::parse(s).ok_or_else(|| format!("unknown solver {s:?} (lbfgs, sgd)"))
 }
 
 impl FitArgs {
@@ -95,6 +131,10 @@ struct EvalArgs {
     /// Also train the char 2–5-gram TF-IDF baseline on this file and score it on --data.
     #[arg(long)]
     baseline_train: Option<PathBuf>,
+    /// Score on features cached by `router features` over --data instead of
+    /// running the model (a quick look: no latency is measured).
+    #[arg(long)]
+    features: Option<PathBuf>,
 }
 
 /// Dev accuracy for each layer × pooling (one pass of the model per query).
@@ -107,7 +147,7 @@ struct SweepArgs {
     #[arg(long)]
     dev: PathBuf,
     /// Comma-separated layers (n_layers = after the final norm).
-    #[arg(long, value_delimiter = ',', default_values_t = [3, 7, 11, 15, 19, 23, 27, 30])]
+    #[arg(long, value_delimiter = ',', default_values_t = [2, 4, 6, 8, 11, 15, 23, 30])]
     layers: Vec<usize>,
     #[arg(long, default_value_t = DEFAULT_MAX_TOKENS)]
     max_tokens: usize,
@@ -124,7 +164,10 @@ struct SweepArgs {
 }
 
 fn parse_pooling(s: &str) -> Result<Pooling, String> {
-    Pooling::parse(s).ok_or_else(|| format!("unknown pooling {s:?} (mean, last, mean+last)"))
+    Pooling::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Pooling::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown pooling {s:?} ({})", names.join(", "))
+    })
 }
 
 impl Run for RouterArgs {
@@ -133,6 +176,7 @@ impl Run for RouterArgs {
             RouterCommand::Train(a) => a.run(),
             RouterCommand::Eval(a) => a.run(),
             RouterCommand::Sweep(a) => a.run(),
+            RouterCommand::Features(a) => a.run(),
         }
     }
 }
@@ -198,31 +242,42 @@ impl TrainArgs {
         let defaults = HiddenRouterSettings::for_model(m.backend.config().num_layers, format);
         let settings = HiddenRouterSettings {
             layer: self.layer.unwrap_or(defaults.layer),
-            pooling: self.pooling,
+            pooling: self.pooling.unwrap_or(defaults.pooling),
             max_tokens: self.max_tokens,
             prompt_format: format.to_string(),
             train: self.fit.config(),
+            solver: self.fit.solver,
         };
         let bar = super::progress_bar(data.len() as u64);
         let started = Instant::now();
-        let router = HiddenRouter::train_with_progress(
-            &m.backend,
-            &*tokenize,
-            &data,
-            &settings,
-            &mut |i| bar.set_position(i as u64),
-        )?;
+        let router = match &self.features {
+            Some(cache) => {
+                HiddenRouter::train_from_cache(&m.backend, &*tokenize, &data, &settings, cache)?
+            }
+            None => HiddenRouter::train_with_progress(
+                &m.backend,
+                &*tokenize,
+                &data,
+                &settings,
+                &mut |i| bar.set_position(i as u64),
+            )?,
+        };
         bar.finish_and_clear();
         let took = started.elapsed();
         router.save(&self.output)?;
         println!(
-            "trained on {} queries ({} domains), layer {}, {} pooling, ≤{} {} tokens: {:.1} s ({:.1} ms/query); wrote {}",
+            "trained on {} queries ({} domains), layer {}, {} pooling, ≤{} {} tokens{}: {:.1} s ({:.1} ms/query); wrote {}",
             data.len(),
             router.domains().len(),
             settings.layer,
-            self.pooling.name(),
+            settings.pooling.name(),
             self.max_tokens,
             format,
+            if self.features.is_some() {
+                ", features from the cache"
+            } else {
+                ""
+            },
             took.as_secs_f64(),
             ms(took) / data.len() as f64,
             self.output.display()
@@ -245,18 +300,25 @@ impl EvalArgs {
         let tokenize = tokenizer_for(&self.model, &m, &router.spec().prompt_format)?;
         let classes = router.domains().to_vec();
         let truth = labels_in(&classes, &data)?;
-        let bar = super::progress_bar(data.len() as u64);
         let mut predicted = Vec::with_capacity(data.len());
         let mut routing = Duration::ZERO;
-        for (i, q) in data.iter().enumerate() {
-            // Latency = tokenizing + the model's layers + pooling + classifier.
-            let started = Instant::now();
-            let tokens = tokenize(&q.text).map_err(|e| anyhow::anyhow!("query {i}: {e}"))?;
-            predicted.push(router.classify(&m.backend, &tokens)?.domain);
-            routing += started.elapsed();
-            bar.set_position(i as u64 + 1);
+        if let Some(cache) = &self.features {
+            let (header, stats) = crate::router::feature_cache::read_cache(cache)?;
+            anyhow::ensure!(stats.len() == data.len(), "cache and data differ in length");
+            let x = crate::router::feature_cache::cached_features(&header, &stats, router.spec())?;
+            predicted.extend(x.iter().map(|v| router.classify_features(v).domain));
+        } else {
+            let bar = super::progress_bar(data.len() as u64);
+            for (i, q) in data.iter().enumerate() {
+                // Latency = tokenizing + the model's layers + pooling + classifier.
+                let started = Instant::now();
+                let tokens = tokenize(&q.text).map_err(|e| anyhow::anyhow!("query {i}: {e}"))?;
+                predicted.push(router.classify(&m.backend, &tokens)?.domain);
+                routing += started.elapsed();
+                bar.set_position(i as u64 + 1);
+            }
+            bar.finish_and_clear();
         }
-        bar.finish_and_clear();
         let confusion = Confusion::new(&classes, &truth, &predicted);
         let s = router.spec();
         println!(
@@ -268,11 +330,15 @@ impl EvalArgs {
             s.prompt_format
         );
         println!("accuracy: {:.4}", confusion.accuracy());
-        println!(
-            "latency per query: {:.2} ms (CPU, {} queries)",
-            ms(routing) / data.len() as f64,
-            data.len()
-        );
+        if self.features.is_some() {
+            println!("(features from the cache: latency not measured)");
+        } else {
+            println!(
+                "latency per query: {:.2} ms (CPU, {} queries)",
+                ms(routing) / data.len() as f64,
+                data.len()
+            );
+        }
         println!("{}", confusion.table());
         if let Some(path) = &self.baseline_train {
             println!("baseline trained on {}", path.display());
@@ -329,6 +395,7 @@ impl SweepArgs {
             max_tokens: self.max_tokens,
             prompt_format: format.to_string(),
             train: self.fit.config(),
+            solver: self.fit.solver,
             l2s: if self.l2s.is_empty() {
                 vec![self.fit.l2]
             } else {
@@ -366,6 +433,74 @@ impl SweepArgs {
             );
         }
         baseline(&train, &dev)?;
+        Ok(())
+    }
+}
+
+impl FeaturesArgs {
+    fn run(self) -> anyhow::Result<()> {
+        use crate::router::feature_cache::{CacheHeader, CacheWriter, LayerStats, QueryStats};
+        let data = read(&self.data)?;
+        let m =
+            load_cpu(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        let format = prompt_format(self.raw);
+        let tokenize = tokenizer_for(&self.model, &m, format)?;
+        let tokens = crate::router::hidden::tokenize_all(&*tokenize, &data)?;
+        let c = m.backend.config();
+        let max_cut = *self.cuts.iter().max().context("no cuts")?;
+        let spec = crate::router::hidden::FeatureSpec {
+            layer: 0,
+            pooling: Pooling::Mean,
+            max_tokens: max_cut,
+            hidden_size: c.hidden_size,
+            n_layers: c.num_layers,
+            shared_prefix: crate::router::hidden::shared_prefix(&tokens),
+            prompt_format: format.to_string(),
+        };
+        let total: usize = tokens.iter().map(|t| spec.tokens_to_run(t).len()).sum();
+        println!(
+            "{} queries, {} tokens to run (shared prefix of {})",
+            data.len(),
+            total,
+            spec.shared_prefix.len()
+        );
+        let mut w = CacheWriter::create(
+            &self.output,
+            CacheHeader {
+                version: crate::router::feature_cache::CACHE_VERSION,
+                hidden_size: c.hidden_size,
+                n_layers: c.num_layers,
+                layers: self.layers.clone(),
+                cuts: self.cuts.clone(),
+                prompt_format: format.to_string(),
+                shared_prefix: spec.shared_prefix.clone(),
+                n_queries: data.len(),
+            },
+        )?;
+        let bar = super::progress_bar(total as u64);
+        let started = Instant::now();
+        let mut done = 0;
+        for t in &tokens {
+            let run = spec.tokens_to_run(t);
+            let hs = m.backend.hidden_states_at(run, &self.layers)?;
+            w.push(&QueryStats {
+                rows: run.len(),
+                layers: hs
+                    .iter()
+                    .map(|h| LayerStats::of(h, c.hidden_size, &self.cuts))
+                    .collect(),
+            })?;
+            done += run.len();
+            bar.set_position(done as u64);
+        }
+        bar.finish_and_clear();
+        w.finish()?;
+        println!(
+            "{:.0} s, {:.2} ms/token; wrote {}",
+            started.elapsed().as_secs_f64(),
+            ms(started.elapsed()) / total as f64,
+            self.output.display()
+        );
         Ok(())
     }
 }

@@ -2,14 +2,17 @@
 //!
 //! ```text
 //!   __metadata__["meswitch.router"] = JSON {
-//!       "format": "meswitch-hidden-router", "version": 1,
-//!       "layer", "pooling" ("mean" | "last" | "mean+last"), "max_tokens",
+//!       "format": "meswitch-hidden-router", "version": 2,
+//!       "layer", "pooling" ("mean" | "last" | "mean+last" | "normed-mean"), "max_tokens",
 //!       "hidden_size", "n_layers", "classes": [domain...], "shared_prefix": [token...],
 //!       "prompt_format": "chat" | "raw" }
 //!   tensors (F32), dim = hidden_size (mean, last) or 2·hidden_size (mean+last):
 //!       classifier.weight [classes, dim]   classifier.bias [classes]
 //!       features.mean     [dim]            features.inv_std [dim]
 //! ```
+//!
+//! Version 2 added the pooling "normed-mean"; a version-1 file (same fields,
+//! one of the first three poolings) still loads and routes as before.
 //!
 //! Loading checks every field and shape and that all values are finite, so
 //! a damaged or foreign file is an error, never a panic or NaN routing.
@@ -26,7 +29,9 @@ use super::softmax::SoftmaxClassifier;
 pub const METADATA_KEY: &str = "meswitch.router";
 pub const FORMAT_NAME: &str = "meswitch-hidden-router";
 /// Bumped on any change a reader of the previous version would misread.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this build reads (1: no "normed-mean" pooling).
+pub const OLDEST_READ_VERSION: u32 = 1;
 
 const WEIGHT: &str = "classifier.weight";
 const BIAS: &str = "classifier.bias";
@@ -122,14 +127,20 @@ impl HiddenRouter {
         if h.format != FORMAT_NAME {
             return Err(format!("format {:?}, expected {FORMAT_NAME:?}", h.format));
         }
-        if h.version != FORMAT_VERSION {
+        if !(OLDEST_READ_VERSION..=FORMAT_VERSION).contains(&h.version) {
             return Err(format!(
-                "format version {}, this build reads version {FORMAT_VERSION}",
+                "format version {}, this build reads versions {OLDEST_READ_VERSION} to {FORMAT_VERSION}",
                 h.version
             ));
         }
-        let pooling =
-            Pooling::parse(&h.pooling).ok_or_else(|| format!("unknown pooling {:?}", h.pooling))?;
+        let pooling = Pooling::parse(&h.pooling)
+            .filter(|&p| h.version >= 2 || p != Pooling::NormedMean)
+            .ok_or_else(|| {
+                format!(
+                    "unknown pooling {:?} for format version {}",
+                    h.pooling, h.version
+                )
+            })?;
         if h.hidden_size == 0 || h.max_tokens == 0 || h.layer > h.n_layers {
             return Err(format!(
                 "hidden size {}, max tokens {}, layer {} of {}: out of range",
@@ -315,6 +326,22 @@ mod tests {
         assert_eq!(HiddenRouter::load(&path).unwrap(), r);
     }
 
+    /// A version-1 file (written before "normed-mean" existed) still loads;
+    /// a version-1 header naming the new pooling is refused.
+    #[test]
+    fn version_1_files_still_load() {
+        let (r, x) = router(Pooling::Mean);
+        let (mut json, tensors) = parts(&r);
+        json["version"] = 1.into();
+        let dir = temp();
+        let path = dir.path().join("v1.safetensors");
+        std::fs::write(&path, build(&json, &tensors)).unwrap();
+        let back = HiddenRouter::load(&path).unwrap();
+        assert_eq!(back.classify_features(&x[7]), r.classify_features(&x[7]));
+        json["pooling"] = "normed-mean".into();
+        assert!(load_err(&build(&json, &tensors)).contains("unknown pooling"));
+    }
+
     #[test]
     fn corrupt_files_are_clear_errors() {
         let (r, _) = router(Pooling::Mean);
@@ -329,7 +356,8 @@ mod tests {
             j[key] = v;
             load_err(&build(&j, &tensors))
         };
-        assert!(with("version", 2.into()).contains("format version 2"));
+        assert!(with("version", 3.into()).contains("format version 3"));
+        assert!(with("version", 0.into()).contains("format version 0"));
         assert!(with("format", "something-else".into()).contains("format"));
         assert!(with("pooling", "max".into()).contains("unknown pooling"));
         assert!(with("layer", 9.into()).contains("out of range"));

@@ -4,20 +4,22 @@
 //! (layer, pooling), scored on a held-out split.
 
 use super::dataset::LabelledQuery;
-use super::hidden::{tokenize_all, FeatureSpec, HiddenRouter, Pooling, RouterError, Tokenize};
+use super::hidden::{
+    tokenize_all, FeatureSpec, HiddenRouter, Pooling, RouterError, Solver, Tokenize,
+};
 use super::metrics::Confusion;
 use super::softmax::TrainConfig;
 use crate::model::{Backend, CpuBackend};
 
-/// `[mean, last]` pooled features of each query at each layer:
-/// `features[query][layer index]`, each `2·hidden` long.
+/// `[mean, last, normed mean]` pooled features of each query at each layer:
+/// `features[query][layer index]`, each `3·hidden` long.
 pub struct LayerFeatures {
     pub layers: Vec<usize>,
     pub features: Vec<Vec<Vec<f32>>>,
 }
 
 impl LayerFeatures {
-    /// The features of one (layer index, pooling), cut from the `[mean, last]` pair.
+    /// The features of one (layer index, pooling), cut from the triple.
     pub fn select(&self, layer_index: usize, pooling: Pooling, hidden: usize) -> Vec<Vec<f32>> {
         self.features
             .iter()
@@ -26,7 +28,8 @@ impl LayerFeatures {
                 match pooling {
                     Pooling::Mean => both[..hidden].to_vec(),
                     Pooling::Last => both[hidden..].to_vec(),
-                    Pooling::MeanLast => both.clone(),
+                    Pooling::MeanLast => both[..2 * hidden].to_vec(),
+                    Pooling::NormedMean => both[2 * hidden..].to_vec(),
                 }
             })
             .collect()
@@ -49,7 +52,11 @@ pub fn layer_features(
             return Err(RouterError::EmptyPrompt);
         }
         let hs = backend.hidden_states_at(t, layers)?;
-        let pool = |h: &Vec<f32>| Pooling::MeanLast.pool(h, spec.hidden_size);
+        let pool = |h: &Vec<f32>| {
+            let mut f = Pooling::MeanLast.pool(h, spec.hidden_size);
+            f.extend(Pooling::NormedMean.pool(h, spec.hidden_size));
+            f
+        };
         features.push(hs.iter().map(pool).collect());
         progress(i + 1);
     }
@@ -67,6 +74,7 @@ pub struct SweepSetup {
     /// Every L2 penalty in `l2s` is tried with these settings.
     pub train: TrainConfig,
     pub l2s: Vec<f32>,
+    pub solver: Solver,
 }
 
 pub struct SweepResult {
@@ -139,12 +147,13 @@ pub fn sweep_scores(
                     ..f.spec.clone()
                 };
                 let config = TrainConfig { l2, ..setup.train };
-                let router = HiddenRouter::fit(
+                let router = HiddenRouter::fit_with(
                     spec,
                     classes.clone(),
                     &f.train.select(li, pooling, hidden),
                     &y_train,
                     &config,
+                    setup.solver,
                 )?;
                 let predicted: Vec<usize> = f
                     .dev

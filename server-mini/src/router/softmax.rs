@@ -11,6 +11,7 @@ use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, SeedableRng};
 
 use super::features::SparseVec;
+use super::lbfgs::{self, LbfgsConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TrainConfig {
@@ -103,6 +104,67 @@ impl SoftmaxClassifier {
     }
 }
 
+impl SoftmaxClassifier {
+    /// Full-batch fit on dense features: minimises the mean cross-entropy
+    /// plus `l2/2·‖W‖²` (the bias is not penalised) with L-BFGS, to
+    /// convergence; deterministic (no shuffling, starts from zero).
+    ///
+    /// ```text
+    ///   θ = [W [classes, dim] row-major | b [classes]]   (f64 while fitting)
+    ///   f = 1/n Σᵢ (logsumexp(W·xᵢ + b) − (W·xᵢ + b)[yᵢ]) + l2/2·‖W‖²
+    ///   ∇W = 1/n Σᵢ (pᵢ − onehot(yᵢ)) xᵢᵀ + l2·W     ∇b = 1/n Σᵢ (pᵢ − onehot(yᵢ))
+    /// ```
+    pub fn fit_dense(
+        classes: &[String],
+        dim: usize,
+        x: &[Vec<f32>],
+        y: &[usize],
+        l2: f32,
+        config: &LbfgsConfig,
+    ) -> SoftmaxClassifier {
+        let k = classes.len();
+        let n = x.len().max(1) as f64;
+        let l2 = l2 as f64;
+        let objective = |theta: &[f64], grad: &mut [f64]| -> f64 {
+            let (w, b) = theta.split_at(k * dim);
+            grad.iter_mut().for_each(|g| *g = 0.0);
+            let (gw, gb) = grad.split_at_mut(k * dim);
+            let mut loss = 0.0;
+            let mut z = vec![0f64; k];
+            for (xi, &yi) in x.iter().zip(y) {
+                for (c, zc) in z.iter_mut().enumerate() {
+                    let row = &w[c * dim..(c + 1) * dim];
+                    *zc = b[c] + row.iter().zip(xi).map(|(a, &v)| a * v as f64).sum::<f64>();
+                }
+                let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+                loss += max + sum.ln() - z[yi];
+                for c in 0..k {
+                    let err = ((z[c] - max).exp() / sum - (c == yi) as u8 as f64) / n;
+                    gb[c] += err;
+                    let grow = &mut gw[c * dim..(c + 1) * dim];
+                    grow.iter_mut()
+                        .zip(xi)
+                        .for_each(|(g, &v)| *g += err * v as f64);
+                }
+            }
+            let mut penalty = 0.0;
+            for (g, &wi) in gw.iter_mut().zip(w) {
+                *g += l2 * wi;
+                penalty += wi * wi;
+            }
+            loss / n + 0.5 * l2 * penalty
+        };
+        let (theta, _) = lbfgs::minimize(objective, vec![0.0; k * dim + k], config);
+        SoftmaxClassifier {
+            classes: classes.to_vec(),
+            dim,
+            weights: theta[..k * dim].iter().map(|&v| v as f32).collect(),
+            bias: theta[k * dim..].iter().map(|&v| v as f32).collect(),
+        }
+    }
+}
+
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
@@ -146,5 +208,27 @@ mod tests {
         let p = m.probabilities(&x[0]);
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert!(m.predict(&x[0]).1 > 0.5);
+
+        // The full-batch fit separates them too, and its gradient vanishes:
+        // the mean error of each class's probability is zero at the optimum
+        // (∇b = 0), so the mean predicted probability of class c equals c's
+        // share of the labels.
+        let dense: Vec<Vec<f32>> = x.iter().map(|v| v.value.clone()).collect();
+        let cfg = LbfgsConfig::default();
+        let d = SoftmaxClassifier::fit_dense(&classes, 4, &dense, &y, 1e-3, &cfg);
+        let right = x
+            .iter()
+            .zip(&y)
+            .filter(|(v, &t)| d.predict(v).0 == t)
+            .count();
+        assert_eq!(right, x.len());
+        for c in 0..3 {
+            let share = y.iter().filter(|&&t| t == c).count() as f32 / y.len() as f32;
+            let mean_p: f32 = x.iter().map(|v| d.probabilities(v)[c]).sum::<f32>() / x.len() as f32;
+            assert!(
+                (mean_p - share).abs() < 1e-3,
+                "class {c}: {mean_p} vs {share}"
+            );
+        }
     }
 }

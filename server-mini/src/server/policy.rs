@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use crate::chat::ChatMessage;
 use crate::engine::{RouteDecision, Router};
 use crate::model::{Backend, CpuBackend};
-use crate::router::hidden::{HiddenRouter, HiddenRouterSettings, Pooling, PROMPT_CHAT};
+use crate::router::hidden::{HiddenRouter, HiddenRouterSettings, Pooling, Solver, PROMPT_CHAT};
 use crate::router::softmax::TrainConfig;
 use crate::server::demo::DemoFamily;
 use crate::server::prompt::{chat_template_for, encode_chat};
@@ -171,6 +171,8 @@ pub fn train_demo_router(
                     epochs: DEMO_ROUTER_EPOCHS,
                     ..defaults.train
                 },
+                // The demo's figures above were measured with SGD.
+                solver: Solver::Sgd,
                 ..defaults
             };
             let r = HiddenRouter::train(backend, &tokenize, &family.train, &settings)
