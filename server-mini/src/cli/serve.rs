@@ -7,16 +7,24 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 
+use super::generate::Device;
 use super::Run;
 use crate::engine::EngineConfig;
+use crate::model::cuda::CudaBackend;
+use crate::model::load::load_cuda;
+use crate::model::{Backend, CpuBackend, ModelError};
 use crate::server::admin::AdminConfig;
+use crate::server::app::AppState;
 use crate::server::demo::{build_demo_family, default_cache_dir, DEMO_EXPERTS};
 use crate::server::serving::{
-    build_state, experts_from_files, parse_bytes, parse_domains, MakeRouter, ServeConfig,
+    build_state, build_state_on, experts_from_files, parse_bytes, parse_domains, MakeRouter,
+    ServeConfig, ServeError,
 };
 use crate::server::{policy, Limits, RunningServer};
+use crate::tokenizer::Tokenizer;
 
-/// Serve a base model and its experts over an OpenAI-compatible HTTP API (CPU).
+/// Serve a base model and its experts over an OpenAI-compatible HTTP API
+/// (on a CUDA device when one is present, else on the CPU; see --device).
 #[derive(Parser, Debug)]
 #[command(name = "serve")]
 pub struct ServeArgs {
@@ -75,6 +83,9 @@ pub struct ServeArgs {
     /// Demo: number of experts (1-16).
     #[arg(long, default_value_t = DEMO_EXPERTS)]
     demo_experts: usize,
+    /// Where the model computes: auto = CUDA device 0 when one can be opened, else the CPU.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
 }
 
 impl ServeArgs {
@@ -119,7 +130,7 @@ impl Run for ServeArgs {
             max_context: self.max_context,
             ..Limits::default()
         };
-        let (config, make_router): (ServeConfig, MakeRouter<'_>) = match &self.base {
+        let (config, routing) = match &self.base {
             None => {
                 if !self.experts.is_empty() || self.router.is_some() {
                     anyhow::bail!("--experts and --router need --base");
@@ -137,15 +148,7 @@ impl Run for ServeArgs {
                     limits,
                     admin: self.admin(models_dir.as_deref())?,
                 };
-                let threshold = self.route_threshold;
-                let make: MakeRouter<'_> = Box::new(move |backend, tokenizer| {
-                    eprintln!(
-                        "[demo] training the router on {} labelled queries",
-                        family.train.len()
-                    );
-                    policy::train_demo_router(backend, tokenizer, &family, threshold)
-                });
-                (config, make)
+                (config, Routing::Demo(Box::new(family)))
             }
             Some(base) => {
                 let config = ServeConfig {
@@ -160,19 +163,19 @@ impl Run for ServeArgs {
                     .base_name
                     .clone()
                     .unwrap_or_else(|| crate::server::serving::model_name(base));
-                let router = self.router.clone();
                 let domains = parse_domains(self.domains.as_deref().unwrap_or(""), &base_name)?;
-                let (threshold, default) = (self.route_threshold, self.route_default.clone());
-                let make: MakeRouter<'_> = Box::new(move |_, _| match router {
-                    None => Ok(None),
-                    Some(path) => {
-                        policy::load_router_file(&path, domains, threshold, default).map(Some)
-                    }
-                });
-                (config, make)
+                let routing = match self.router.clone() {
+                    None => Routing::None,
+                    Some(path) => Routing::File {
+                        path,
+                        domains,
+                        default: self.route_default.clone(),
+                    },
+                };
+                (config, routing)
             }
         };
-        let state = build_state(config, make_router)?;
+        let state = start_on_device(self.device, config, routing, self.route_threshold)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -204,6 +207,75 @@ impl Run for ServeArgs {
             anyhow::Ok(())
         })
     }
+}
+
+/// Where `model: "auto"` requests go.
+enum Routing {
+    None,
+    /// The demo's router, trained on its own labelled queries.
+    Demo(Box<crate::server::demo::DemoFamily>),
+    File {
+        path: PathBuf,
+        domains: std::collections::BTreeMap<String, Option<String>>,
+        default: Option<String>,
+    },
+}
+
+impl Routing {
+    /// The router builder for an engine on backend `B` (the router runs on
+    /// the same backend, between steps).
+    fn into_maker<'a, B: Backend + 'static>(self, threshold: f32) -> MakeRouter<'a, B> {
+        match self {
+            Routing::None => Box::new(|_, _| Ok(None)),
+            Routing::Demo(family) => Box::new(move |backend: &B, tokenizer: &Tokenizer| {
+                eprintln!(
+                    "[demo] training the router on {} labelled queries",
+                    family.train.len()
+                );
+                policy::train_demo_router(backend, tokenizer, &family, threshold)
+            }),
+            Routing::File {
+                path,
+                domains,
+                default,
+            } => Box::new(move |_, _| {
+                policy::load_router_file(&path, domains, threshold, default).map(Some)
+            }),
+        }
+    }
+}
+
+/// Loads the base on `device` (auto: CUDA when a device opens, else the
+/// CPU, said on stderr) and starts the engine there.
+fn start_on_device(
+    device: Device,
+    config: ServeConfig,
+    routing: Routing,
+    threshold: f32,
+) -> anyhow::Result<std::sync::Arc<AppState>> {
+    let cuda = match device {
+        Device::Cpu => None,
+        Device::Cuda => Some(load_cuda(&config.base)),
+        Device::Auto => match load_cuda(&config.base) {
+            Err(ModelError::NoDevice(why)) => {
+                eprintln!("[device: cpu (no CUDA device: {why})]");
+                None
+            }
+            other => Some(other),
+        },
+    };
+    let Some(loaded) = cuda else {
+        let make: MakeRouter<'_, CpuBackend> = routing.into_maker(threshold);
+        return Ok(build_state(config, make)?);
+    };
+    let (backend, tokenizer): (CudaBackend, Tokenizer) = loaded.map_err(|e| ServeError::Base {
+        path: config.base.display().to_string(),
+        why: e.to_string(),
+    })?;
+    eprintln!("[device: cuda ({})]", backend.gpu().name());
+    let context = backend.max_context();
+    let make: MakeRouter<'_, CudaBackend> = routing.into_maker(threshold);
+    Ok(build_state_on(config, backend, tokenizer, context, make)?)
 }
 
 /// Ctrl-C, or SIGTERM (what service managers and `docker stop` send).

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::chat::ChatMessage;
 use crate::engine::{RouteDecision, Router};
-use crate::model::{Backend, CpuBackend};
+use crate::model::Backend;
 use crate::router::hidden::{HiddenRouter, HiddenRouterSettings, Pooling, Solver, PROMPT_CHAT};
 use crate::router::softmax::TrainConfig;
 use crate::server::demo::DemoFamily;
@@ -81,12 +81,12 @@ impl<B: Backend, C: DomainClassifier<B>> Router<B> for RoutingPolicy<C> {
 }
 
 /// The `auto` policy from a router file trained by `meswitch router train`.
-pub fn load_router_file(
+pub fn load_router_file<B: Backend + 'static>(
     path: &std::path::Path,
     domain_to_expert: BTreeMap<String, Option<String>>,
     threshold: f32,
     default: Option<String>,
-) -> Result<Box<dyn Router<CpuBackend>>, ServeError> {
+) -> Result<Box<dyn Router<B>>, ServeError> {
     let classifier = HiddenRouter::load(path)
         .map_err(|e| ServeError::Router(format!("{}: {e}", path.display())))?;
     if let Some(unknown) = domain_to_expert
@@ -130,12 +130,12 @@ const DEMO_ROUTER_EPOCHS: usize = 200;
 /// queries (each wrapped in the chat template, as the server routes them) and
 /// saved there. Each domain maps to its expert; low-confidence queries go to
 /// the base model.
-pub fn train_demo_router(
-    backend: &CpuBackend,
+pub fn train_demo_router<B: Backend + 'static>(
+    backend: &B,
     tokenizer: &Tokenizer,
     family: &DemoFamily,
     threshold: f32,
-) -> Result<Option<Box<dyn Router<CpuBackend>>>, ServeError> {
+) -> Result<Option<Box<dyn Router<B>>>, ServeError> {
     let mut domains: Vec<String> = family.train.iter().map(|q| q.domain.clone()).collect();
     domains.sort();
     domains.dedup();
@@ -198,6 +198,7 @@ pub fn train_demo_router(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::CpuBackend;
 
     /// Picks the class by the first token id (mod classes), with a fixed confidence.
     struct FirstToken {
