@@ -10,8 +10,8 @@
 //! the feature cache of `meswitch router features`; the cached features
 //! equal live ones to 1e-6). The margin is two queries. This test, on a
 //! subset, asserts what holds there with room for noise: far above chance,
-//! and not under the baseline by more than MAX_GAP (measured: hidden 0.9503,
-//! TF-IDF 0.9130 on this subset).
+//! and not under the baseline by more than MAX_GAP (measured: hidden 0.9317,
+//! TF-IDF 0.8820 on this subset; 132 s on this machine under load ≈ 2).
 //!
 //! Runtime: the base model runs every query on CPU, so the test uses a
 //! stratified subset (every TRAIN_EVERY-th train query, every DEV_EVERY-th
@@ -34,14 +34,14 @@ use meswitch_server::router::softmax::{SoftmaxClassifier, TrainConfig};
 use meswitch_server::router::tfidf::{TfidfConfig, TfidfVectorizer};
 use meswitch_server::testdata;
 
-const TRAIN_EVERY: usize = 8;
+const TRAIN_EVERY: usize = 10;
 const DEV_EVERY: usize = 5;
 /// Accuracy the router must reach on the dev subset: 7 domains, the largest
-/// 19% of the queries; broken features land near that. Measured 0.9503 (8
+/// 19% of the queries; broken features land near that. Measured 0.9317 (11
 /// of 161 wrong); this allows three more misses.
-const MIN_ACCURACY: f64 = 0.93;
+const MIN_ACCURACY: f64 = 0.91;
 /// How far under the TF-IDF baseline the router may score on the subset
-/// (measured: 0.037 *above* it; one dev query is 0.0062, so this allows
+/// (measured: 0.050 *above* it; one dev query is 0.0062, so this allows
 /// two queries of bad luck, not a lost margin).
 const MAX_GAP: f64 = 0.0125;
 
