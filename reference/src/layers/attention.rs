@@ -47,45 +47,91 @@ pub struct Query<'a> {
     pub values: &'a [f32],
 }
 
-/// Causal attention: query row `t` (in `q`, `[rows, n_heads · head_dim]`)
-/// attends to positions `lo ..= pos` of its cache, `lo` set by the sliding
-/// window ([`attention_window_start`]). Head h reads KV head
-/// `h / (n_heads / n_kv_heads)` (grouped-query attention). Softmax in f32
-/// with the maximum subtracted, scale `1/sqrt(head_dim)`.
-pub fn attention(s: AttnShape, q: &[f32], queries: &[Query], out: &mut [f32]) {
+/// One (query row, head) pair of an attention step, as [`for_each_head`]
+/// hands it to a per-head computation: the head's query, the positions it
+/// attends to, and where its KV head sits in each cached position.
+pub struct HeadTask<'a> {
+    pub q: &'a [f32],
+    /// `lo ..= pos`, `lo` from the sliding window.
+    pub positions: std::ops::RangeInclusive<usize>,
+    query: &'a Query<'a>,
+    /// Offset of the KV head inside one position's `kv_dim` floats.
+    kv_offset: usize,
+    kv_dim: usize,
+    head_dim: usize,
+}
+
+impl<'a> HeadTask<'a> {
+    /// The key and value of position `j` for this head.
+    pub fn kv(&self, j: usize) -> (&'a [f32], &'a [f32]) {
+        let at = j * self.kv_dim + self.kv_offset;
+        (
+            &self.query.keys[at..at + self.head_dim],
+            &self.query.values[at..at + self.head_dim],
+        )
+    }
+}
+
+/// Runs `head` for every (query row, head) of the step in parallel, each
+/// writing its `head_dim` outputs: query row `t` (in `q`,
+/// `[rows, n_heads · head_dim]`) attends to positions `lo ..= pos` of its
+/// cache, `lo` set by the sliding window ([`attention_window_start`]); head
+/// h reads KV head `h / (n_heads / n_kv_heads)` (grouped-query attention).
+pub fn for_each_head(
+    s: AttnShape,
+    q: &[f32],
+    queries: &[Query],
+    out: &mut [f32],
+    head: impl Fn(&HeadTask, &mut [f32]) + Sync + Send,
+) {
     let d = s.head_dim;
-    let kv_dim = s.kv_dim();
     let group = s.group();
-    let scale = 1.0 / (d as f32).sqrt();
     out.par_chunks_mut(d)
         .zip(q.par_chunks(d))
         .enumerate()
         .for_each(|(i, (o, qh))| {
             let (t, h) = (i / s.n_heads, i % s.n_heads);
             let query = &queries[t];
-            let kvh = h / group;
-            let lo = attention_window_start(query.pos, s.sliding_window);
-            let mut scores: Vec<f32> = (lo..=query.pos)
-                .map(|j| {
-                    let k = &query.keys[j * kv_dim + kvh * d..][..d];
-                    qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                total += *sc;
-            }
-            o.fill(0.0);
-            for (j, p) in (lo..=query.pos).zip(&scores) {
-                let v = &query.values[j * kv_dim + kvh * d..][..d];
-                let w = p / total;
-                for (a, b) in o.iter_mut().zip(v) {
-                    *a += w * b;
-                }
-            }
+            let task = HeadTask {
+                q: qh,
+                positions: attention_window_start(query.pos, s.sliding_window)..=query.pos,
+                query,
+                kv_offset: (h / group) * d,
+                kv_dim: s.kv_dim(),
+                head_dim: d,
+            };
+            head(&task, o);
         });
+}
+
+/// Causal grouped-query attention ([`for_each_head`] for the geometry):
+/// softmax in f32 with the maximum subtracted, scale `1/sqrt(head_dim)`.
+pub fn attention(s: AttnShape, q: &[f32], queries: &[Query], out: &mut [f32]) {
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    for_each_head(s, q, queries, out, |task, o| {
+        let mut scores: Vec<f32> = task
+            .positions
+            .clone()
+            .map(|j| {
+                let (k, _) = task.kv(j);
+                task.q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            total += *sc;
+        }
+        o.fill(0.0);
+        for (j, p) in task.positions.clone().zip(&scores) {
+            let (_, v) = task.kv(j);
+            let w = p / total;
+            for (a, b) in o.iter_mut().zip(v) {
+                *a += w * b;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -13,6 +13,6 @@ pub mod norm;
 pub mod rope;
 
 pub use activation::swiglu;
-pub use attention::{attention, attention_window_start, AttnShape, Query};
+pub use attention::{attention, attention_window_start, for_each_head, AttnShape, HeadTask, Query};
 pub use norm::rms_norm;
 pub use rope::{rope, rope_angles, rope_inv_freq};

@@ -22,10 +22,8 @@
 //!     d = fp16(amax / 127);  x̃_i = d · q_i
 //! ```
 
+use super::ops::{for_each_head, AttnShape, Query};
 use half::f16;
-use rayon::prelude::*;
-
-use super::ops::{AttnShape, Query};
 
 /// Activations per llama.cpp Q8 block (`QK8_0` = `QK8_1` = 32).
 pub const Q8_BLOCK: usize = 32;
@@ -165,31 +163,16 @@ pub fn attend_head_f16_accumulate<'a>(
 
 /// [`super::ops::attention`] with llama.cpp's CPU flash-attention
 /// roundings (see [`attend_head_f16_accumulate`]); the caller has stored the
-/// keys and values FP16-rounded. Same window and GQA rules.
+/// keys and values FP16-rounded. Same window and GQA rules
+/// ([`for_each_head`]).
 pub fn attention_llama_cpp(s: AttnShape, q: &[f32], queries: &[Query], out: &mut [f32]) {
-    let d = s.head_dim;
-    let kv_dim = s.n_kv_heads * d;
-    let group = s.n_heads / s.n_kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    out.par_chunks_mut(d)
-        .zip(q.par_chunks(d))
-        .enumerate()
-        .for_each(|(i, (o, qh))| {
-            let (t, h) = (i / s.n_heads, i % s.n_heads);
-            let query = &queries[t];
-            let kvh = h / group;
-            let lo = match s.sliding_window {
-                Some(w) => (query.pos + 1).saturating_sub(w),
-                None => 0,
-            };
-            let mut q16 = qh.to_vec();
-            round_f16(&mut q16);
-            let kv = |j: usize| {
-                let at = j * kv_dim + kvh * d;
-                (&query.keys[at..at + d], &query.values[at..at + d])
-            };
-            attend_head_f16_accumulate(&q16, lo..=query.pos, &kv, scale, o);
-        });
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    for_each_head(s, q, queries, out, |task, o| {
+        let mut q16 = task.q.to_vec();
+        round_f16(&mut q16);
+        let kv = |j: usize| task.kv(j);
+        attend_head_f16_accumulate(&q16, task.positions.clone(), &kv, scale, o);
+    });
 }
 
 #[cfg(test)]
