@@ -261,39 +261,12 @@ impl CpuBackend {
 
     fn validate(&self, batch: &[SeqStep<'_, KvCache>]) -> Result<(), ModelError> {
         for s in batch {
-            if s.tokens.is_empty() {
-                return Err(ModelError::EmptyStep);
-            }
-            if let Some(&token) = s
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-            {
-                return Err(ModelError::Token {
-                    token,
-                    vocab: self.config.vocab_size,
-                });
-            }
+            s.check(s.cache.len, self.config.vocab_size, self.max_context)?;
             if let Some(e) = s
                 .expert
                 .filter(|&e| self.experts.get(e).is_none_or(Option::is_none))
             {
                 return Err(ModelError::UnknownExpert(e));
-            }
-            let len = s.cache.len + s.tokens.len();
-            if len > self.max_context {
-                return Err(ModelError::ContextFull {
-                    len,
-                    limit: self.max_context,
-                });
-            }
-            if let LogitsWanted::From(from) = s.logits {
-                if from >= s.tokens.len() {
-                    return Err(ModelError::LogitsRange {
-                        from,
-                        len: s.tokens.len(),
-                    });
-                }
             }
         }
         Ok(())

@@ -95,6 +95,42 @@ pub struct SeqStep<'a, C> {
     pub logits: LogitsWanted,
 }
 
+impl<C> SeqStep<'_, C> {
+    /// The checks every backend makes before a step touches anything, given
+    /// the cache's current length: new tokens present and inside the
+    /// vocabulary, context limit kept, logits range inside the step. (Whether
+    /// the expert exists is the backend's to check.)
+    pub fn check(
+        &self,
+        cache_len: usize,
+        vocab: usize,
+        max_context: usize,
+    ) -> Result<(), ModelError> {
+        if self.tokens.is_empty() {
+            return Err(ModelError::EmptyStep);
+        }
+        if let Some(&token) = self.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::Token { token, vocab });
+        }
+        let len = cache_len + self.tokens.len();
+        if len > max_context {
+            return Err(ModelError::ContextFull {
+                len,
+                limit: max_context,
+            });
+        }
+        if let LogitsWanted::From(from) = self.logits {
+            if from >= self.tokens.len() {
+                return Err(ModelError::LogitsRange {
+                    from,
+                    len: self.tokens.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a compute backend provides. Only [`CpuBackend`] exists now; a CUDA
 /// backend keeps the same shape with device-resident weights and caches.
 pub trait Backend {

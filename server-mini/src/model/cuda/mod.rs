@@ -47,7 +47,7 @@ use weights::{DeviceExpert, DeviceWeights};
 
 use super::experts::{Expert, ExpertParser};
 use super::weights::{WeightSource, Weights};
-use super::{Backend, ExpertId, LogitsWanted, ModelConfig, ModelError, SeqStep};
+use super::{Backend, ExpertId, ModelConfig, ModelError, SeqStep};
 
 /// Context limit when the config names none (as the CPU backend).
 const DEFAULT_MAX_CONTEXT: usize = 4096;
@@ -195,19 +195,7 @@ impl CudaBackend {
     /// the CPU backend's, plus experts whose upload failed.
     fn validate(&self, batch: &[SeqStep<'_, CudaCache>]) -> Result<(), ModelError> {
         for s in batch {
-            if s.tokens.is_empty() {
-                return Err(ModelError::EmptyStep);
-            }
-            if let Some(&token) = s
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-            {
-                return Err(ModelError::Token {
-                    token,
-                    vocab: self.config.vocab_size,
-                });
-            }
+            s.check(s.cache.len(), self.config.vocab_size, self.max_context)?;
             if let Some(id) = s.expert {
                 match self.experts.get(id) {
                     Some(Some(Slot { device: Ok(_), .. })) => {}
@@ -215,21 +203,6 @@ impl CudaBackend {
                         return Err(ModelError::Expert(e.clone()))
                     }
                     _ => return Err(ModelError::UnknownExpert(id)),
-                }
-            }
-            let len = s.cache.len() + s.tokens.len();
-            if len > self.max_context {
-                return Err(ModelError::ContextFull {
-                    len,
-                    limit: self.max_context,
-                });
-            }
-            if let LogitsWanted::From(from) = s.logits {
-                if from >= s.tokens.len() {
-                    return Err(ModelError::LogitsRange {
-                        from,
-                        len: s.tokens.len(),
-                    });
                 }
             }
         }
