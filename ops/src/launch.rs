@@ -96,12 +96,12 @@ fn dequant_config(out_features: usize) -> Result<LaunchConfig, OpsError> {
 /// Raw device address of a buffer. The buffers outlive every launch that
 /// uses the address (they are borrowed by the caller for the whole call), and
 /// all work is on one stream, so no cross-stream event is needed.
-fn addr<T>(gpu: &Gpu, buf: &CudaSlice<T>) -> u64 {
+pub(crate) fn addr<T>(gpu: &Gpu, buf: &CudaSlice<T>) -> u64 {
     let (ptr, _sync) = buf.device_ptr(gpu.stream());
     ptr
 }
 
-fn addr_mut<T>(gpu: &Gpu, buf: &mut CudaSlice<T>) -> u64 {
+pub(crate) fn addr_mut<T>(gpu: &Gpu, buf: &mut CudaSlice<T>) -> u64 {
     let (ptr, _sync) = buf.device_ptr_mut(gpu.stream());
     ptr
 }

@@ -3,7 +3,7 @@
 //! checked, launch configurations from the header's constants, and the
 //! launches. Nothing here checks lengths again: callers did.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 use meswitch_ptx::abi;
 use meswitch_reference::layers::AttnShape;
@@ -11,6 +11,7 @@ use meswitch_reference::layers::AttnShape;
 use crate::device::Gpu;
 use crate::error::{DriverContext, OpsError};
 use crate::gemv::upload;
+use crate::launch::{addr, addr_mut};
 use crate::layers::{AttnRows, DeviceKv, LayerError, RopeTable};
 
 /// Rows one step may have: attention's grid y (one block row per query row).
@@ -32,19 +33,6 @@ unsafe impl DeviceRepr for Param<abi::MeswitchElementwiseParams> {}
 unsafe impl DeviceRepr for Param<abi::MeswitchEmbedParams> {}
 unsafe impl DeviceRepr for Param<abi::MeswitchKvAppendParams> {}
 unsafe impl DeviceRepr for Param<abi::MeswitchAttentionParams> {}
-
-/// Raw device address of a buffer. Buffers are borrowed by the caller for
-/// the whole call and all work is on one stream, so the address stays valid
-/// for every launch that uses it.
-fn addr<T>(gpu: &Gpu, buf: &CudaSlice<T>) -> u64 {
-    let (ptr, _sync) = buf.device_ptr(gpu.stream());
-    ptr
-}
-
-fn addr_mut<T>(gpu: &Gpu, buf: &mut CudaSlice<T>) -> u64 {
-    let (ptr, _sync) = buf.device_ptr_mut(gpu.stream());
-    ptr
-}
 
 fn u32_of(what: &'static str, value: usize) -> Result<u32, OpsError> {
     u32::try_from(value).map_err(|_| LayerError::TooLarge { what, value }.into())
