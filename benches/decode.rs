@@ -38,7 +38,6 @@ use criterion::Criterion;
 use half::f16;
 use meswitch::ops::{timing, Gpu};
 use meswitch::reference::container::{ExpertFile, ExpertHeader, ExpertTensor, FORMAT_VERSION};
-use meswitch::reference::layout::{pack_row, DeltaLayout};
 use meswitch::reference::{Bits, PackedDelta};
 use meswitch::server::model::cuda::{CudaBackend, CudaCache};
 use meswitch::server::model::weights::{names, Proj};
@@ -46,6 +45,10 @@ use meswitch::server::model::{
     Backend, Expert, LogitsWanted, MemorySource, ModelConfig, SeqStep, WeightSource,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
+
+#[path = "support/random_delta.rs"]
+mod random_delta;
+use random_delta::random_packed_delta;
 
 const BITS: Bits = Bits::Two;
 const GROUP: usize = 128;
@@ -134,43 +137,6 @@ fn base_model(c: &ModelConfig, rng: &mut StdRng) -> MemorySource {
         config: c.to_hf(),
         tensors: t,
     }
-}
-
-/// A random valid packed delta: uniform codes, small group scales and
-/// offsets, 1% salient channels spread evenly.
-fn random_delta(rng: &mut StdRng, out: usize, inp: usize) -> PackedDelta {
-    let k = (inp * SALIENT_PERCENT / 100).max(1);
-    let layout = DeltaLayout::new(out, inp, BITS, GROUP, k).expect("bench layout");
-    let wpr = layout.words_per_row();
-    let mut codes = vec![0u32; layout.code_words()];
-    if wpr * 32 == inp * BITS.count() as usize {
-        // No padding bits: any word is a valid row of codes.
-        codes.iter_mut().for_each(|w| *w = rng.random());
-    } else {
-        let mut row = vec![0u8; inp];
-        for r in 0..out {
-            row.iter_mut()
-                .for_each(|q| *q = rng.random_range(0..=BITS.max_code()) as u8);
-            pack_row(&row, BITS, &mut codes[r * wpr..(r + 1) * wpr]);
-        }
-    }
-    let scales = (0..layout.group_params())
-        .map(|_| f16::from_f32(rng.random_range(1e-4f32..1e-3)))
-        .collect();
-    let offsets = (0..layout.group_params())
-        .map(|_| f16::from_f32(rng.random_range(-2e-3f32..0.0)))
-        .collect();
-    let salient_index: Vec<u32> = (0..k).map(|j| (j * inp / k) as u32).collect();
-    let salient_values = random_f16(rng, layout.salient_values(), 1e-2);
-    PackedDelta::new(
-        layout,
-        codes,
-        scales,
-        offsets,
-        salient_index,
-        salient_values,
-    )
-    .expect("bench delta is valid")
 }
 
 /// Expert `e`: every linear of every layer a clone of the shape's delta.
@@ -275,9 +241,9 @@ fn main() {
     let mut deltas = BTreeMap::new();
     for p in Proj::ALL {
         let [o, i] = p.shape(&c);
-        deltas
-            .entry([o, i])
-            .or_insert_with(|| random_delta(&mut rng, o, i));
+        deltas.entry([o, i]).or_insert_with(|| {
+            random_packed_delta(&mut rng, o, i, BITS, GROUP, SALIENT_PERCENT as f64 / 100.0)
+        });
     }
     let ids: Vec<usize> = (0..n_experts)
         .map(|e| backend.add_expert(expert(&src, &c, &deltas, e)))

@@ -49,8 +49,12 @@ use meswitch::ops::{
     self, blas, timing, DeviceBase, DeviceDelta, DeviceExperts, DeviceRows, DeviceSlice, Gpu,
     OpsError,
 };
-use meswitch::reference::{Bits, DeltaLayout, PackedDelta};
+use meswitch::reference::{Bits, PackedDelta};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+
+#[path = "support/random_delta.rs"]
+mod random_delta;
+use random_delta::random_packed_delta;
 
 /// Group size of the benched deltas (the method's usual setting).
 const GROUP: usize = 128;
@@ -121,55 +125,22 @@ impl Sweep {
     }
 }
 
-/// A random packed delta with valid layout (timing is value-independent, so
-/// codes are random words; `in` multiples of 32 leave no padding bits).
+/// A random packed delta in this bench's settings (group [`GROUP`], 1%
+/// salient channels).
 fn random_delta(
     rng: &mut StdRng,
     out_features: usize,
     in_features: usize,
     bits: Bits,
 ) -> PackedDelta {
-    let k = (SALIENT_FRACTION * in_features as f64).round() as usize;
-    let group = if GROUP < in_features {
-        GROUP
-    } else {
-        in_features
-    };
-    let l = DeltaLayout::new(out_features, in_features, bits, group, k).expect("bench layout");
-    let wpr = l.words_per_row();
-    let used_bits = in_features * bits.count() as usize - (wpr - 1) * 32;
-    let last_mask = if used_bits == 32 {
-        u32::MAX
-    } else {
-        (1u32 << used_bits) - 1
-    };
-    let codes = (0..l.code_words())
-        .map(|w| {
-            rng.random::<u32>()
-                & if w % wpr == wpr - 1 {
-                    last_mask
-                } else {
-                    u32::MAX
-                }
-        })
-        .collect();
-    let scales = (0..l.group_params())
-        .map(|_| f16::from_f32(rng.random_range(1e-4..1e-3)))
-        .collect();
-    let offsets = (0..l.group_params())
-        .map(|_| f16::from_f32(rng.random_range(-1e-3..0.0)))
-        .collect();
-    let mut index: Vec<u32> = (0..in_features as u32).collect();
-    for i in 0..k {
-        let j = rng.random_range(i..in_features);
-        index.swap(i, j);
-    }
-    let mut salient_index = index[..k].to_vec();
-    salient_index.sort_unstable();
-    let salient_values = (0..l.salient_values())
-        .map(|_| f16::from_f32(rng.random_range(-1e-2..1e-2)))
-        .collect();
-    PackedDelta::new(l, codes, scales, offsets, salient_index, salient_values).expect("bench delta")
+    random_packed_delta(
+        rng,
+        out_features,
+        in_features,
+        bits,
+        GROUP,
+        SALIENT_FRACTION,
+    )
 }
 
 #[derive(Clone, Debug)]
