@@ -156,8 +156,9 @@ impl CpuBackend {
 
     /// Chooses how activations are rounded (see [`Numerics`]). Caches made
     /// under one setting should not be continued under another. Switching
-    /// to `LlamaCpp` after an `Exact` load rounds like llama.cpp but on
-    /// FP16-rounded weights; [`Self::load_with`] keeps the exact ones.
+    /// to `LlamaCpp` after an `Exact` load rounds activations like llama.cpp
+    /// but on FP16-rounded weights and without the Q4_1 block-sum term;
+    /// [`Self::load_with`] keeps what those need.
     pub fn set_numerics(&mut self, numerics: Numerics) {
         self.numerics = numerics;
     }

@@ -222,9 +222,8 @@ pub struct Matrix {
     pub out_features: usize,
     pub in_features: usize,
     pub weights: Vec<f16>,
-    /// When the source stored this matrix as Q4_1: each 32-weight block's
-    /// minimum `[out, in / 32]` (3% of the FP16 weights), which
-    /// [`super::Numerics::LlamaCpp`] needs; `None` otherwise.
+    /// When loaded for [`super::Numerics::LlamaCpp`] from a Q4_1 source: each
+    /// 32-weight block's minimum `[out, in / 32]`; `None` otherwise.
     pub q4_1_mins: Option<Vec<f16>>,
     /// `w − fp16(w)` rounded to FP16, when loaded for
     /// [`super::Numerics::LlamaCpp`]: `weights + residual` carries ~22
@@ -281,10 +280,10 @@ fn load_matrix(
     shapes: &BTreeMap<String, Vec<usize>>,
     name: &str,
     shape: [usize; 2],
-    keep_residual: bool,
+    for_llama_cpp: bool,
 ) -> Result<Matrix, ModelError> {
     check_shape(shapes, name, &shape)?;
-    let (weights, f16_residual) = if keep_residual {
+    let (weights, f16_residual) = if for_llama_cpp {
         let exact = src.tensor_f32(name)?;
         let hi: Vec<f16> = exact.iter().map(|&w| f16::from_f32(w)).collect();
         let lo = exact
@@ -303,7 +302,12 @@ fn load_matrix(
             found: vec![weights.len()],
         });
     }
-    let q4_1_mins = src.q4_1_mins(name)?;
+    // Only llama.cpp's numerics read the block minima.
+    let q4_1_mins = if for_llama_cpp {
+        src.q4_1_mins(name)?
+    } else {
+        None
+    };
     if let Some(m) = &q4_1_mins {
         if shape[1] % Q4_1_BLOCK != 0 || m.len() != shape[0] * shape[1] / Q4_1_BLOCK {
             return Err(ModelError::TensorShape {
@@ -348,11 +352,12 @@ impl Weights {
     }
 
     /// [`Self::load`], keeping each matrix's [`Matrix::f16_residual`] when
-    /// `keep_residual` (for [`super::Numerics::LlamaCpp`]; twice the memory).
+    /// `for_llama_cpp`, and Q4_1 block minima (for [`super::Numerics::LlamaCpp`];
+    /// twice the memory).
     pub fn load_with(
         src: &dyn WeightSource,
         c: &ModelConfig,
-        keep_residual: bool,
+        for_llama_cpp: bool,
     ) -> Result<Weights, ModelError> {
         let shapes = src.shapes();
         let embed = load_matrix(
@@ -360,7 +365,7 @@ impl Weights {
             &shapes,
             names::EMBED,
             [c.vocab_size, c.hidden_size],
-            keep_residual,
+            for_llama_cpp,
         )?;
         let layers = (0..c.num_layers)
             .into_par_iter()
@@ -372,7 +377,7 @@ impl Weights {
                         .iter()
                         .map(|&p| {
                             let name = names::proj(l, p);
-                            load_matrix(src, &shapes, &name, p.shape(c), keep_residual)
+                            load_matrix(src, &shapes, &name, p.shape(c), for_llama_cpp)
                         })
                         .collect::<Result<_, ModelError>>()?,
                 })
@@ -387,7 +392,7 @@ impl Weights {
                 &shapes,
                 names::LM_HEAD,
                 [c.vocab_size, c.hidden_size],
-                keep_residual,
+                for_llama_cpp,
             )?)
         } else if c.tie_word_embeddings {
             None
