@@ -7,12 +7,12 @@ mod engine_support;
 
 use std::collections::BTreeMap;
 
-use engine_support::{collect, family, next_event, Family, Outcome};
+use engine_support::{collect, family, greedy, next_event, EngineStart, Family, Outcome};
 use meswitch_server::engine::{
     Engine, EngineConfig, Event, ExpertChoice, GenRequest, RouteDecision, Router, SubmitError,
 };
 use meswitch_server::generate::{generate, Generation};
-use meswitch_server::model::{Backend, CpuBackend, ExpertId};
+use meswitch_server::model::{Backend, CpuBackend, ExpertId, LogitsWanted, SeqStep};
 use meswitch_server::sampling::SamplingParams;
 use rand::{Rng, SeedableRng};
 
@@ -62,6 +62,7 @@ fn requests(vocab: u32, n_experts: usize) -> Vec<GenRequest> {
                 prompt,
                 choice,
                 params,
+                logprobs: None,
             }
         })
         .collect()
@@ -102,15 +103,13 @@ fn sequential(fam: &Family, reqs: &[GenRequest], eos: &[u32]) -> Vec<(Option<Str
 }
 
 fn engine(fam: &Family, eos: &[u32], config: EngineConfig) -> Engine {
-    let model = fam.model();
-    Engine::start(
-        model.backend,
-        Box::new(model.tokenizer),
-        eos.to_vec(),
-        fam.experts.clone(),
-        Some(Box::new(ParityRouter)),
+    EngineStart {
+        eos: eos.to_vec(),
+        router: Some(Box::new(ParityRouter)),
         config,
-    )
+        ..fam.engine_start()
+    }
+    .start()
     .unwrap()
 }
 
@@ -187,14 +186,7 @@ fn batched_equals_sequential_for_any_prefill_chunk() {
 }
 
 fn long_request(choice: ExpertChoice, max_tokens: usize) -> GenRequest {
-    GenRequest {
-        prompt: vec![3, 4, 5],
-        choice,
-        params: SamplingParams {
-            max_tokens,
-            ..Default::default()
-        },
-    }
+    greedy(vec![3, 4, 5], choice, max_tokens)
 }
 
 #[test]
@@ -269,17 +261,9 @@ fn bad_requests_are_refused_at_submit() {
         max_context: 100,
         ..Default::default()
     };
-    let model = fam.model();
-    let vocab = model.backend.config().vocab_size as u32;
-    let engine = Engine::start(
-        model.backend,
-        Box::new(model.tokenizer),
-        vec![],
-        fam.experts.clone(),
-        None,
-        config,
-    )
-    .unwrap();
+    let start = fam.engine_start();
+    let vocab = start.backend.config().vocab_size as u32;
+    let engine = EngineStart { config, ..start }.start().unwrap();
     let ok = long_request(ExpertChoice::Base, 10);
     let with = |f: &dyn Fn(&mut GenRequest)| {
         let mut r = ok.clone();
@@ -326,14 +310,13 @@ fn bad_requests_are_refused_at_submit() {
 #[test]
 fn a_failing_sequence_does_not_disturb_its_batch() {
     let fam = family(1, 5);
-    let model = fam.model();
-    let mut backend = model.backend;
-    backend.set_max_context(40);
+    let mut start = fam.engine_start();
+    start.backend.set_max_context(40);
     let reference = {
         let r = long_request(ExpertChoice::Base, 20);
         generate(
-            &backend,
-            &model.tokenizer,
+            &start.backend,
+            &start.tokenizer,
             &[],
             &r.prompt,
             None,
@@ -342,15 +325,7 @@ fn a_failing_sequence_does_not_disturb_its_batch() {
         )
         .unwrap()
     };
-    let engine = Engine::start(
-        backend,
-        Box::new(model.tokenizer),
-        vec![],
-        fam.experts.clone(),
-        None,
-        EngineConfig::default(),
-    )
-    .unwrap();
+    let engine = start.start().unwrap();
     // 30 prompt tokens: fails at its 11th token, while `good` still runs.
     let mut bad = long_request(ExpertChoice::Named("e0".into()), 60);
     bad.prompt = (0..30).collect();
@@ -395,17 +370,14 @@ proptest::proptest! {
         let reqs: Vec<GenRequest> = shapes
             .iter()
             .enumerate()
-            .map(|(i, &(len, expert, max_tokens))| GenRequest {
-                prompt: (0..len).map(|t| ((i * 37 + t * 11) % 500) as u32).collect(),
-                choice: match expert {
+            .map(|(i, &(len, expert, max_tokens))| greedy(
+                (0..len).map(|t| ((i * 37 + t * 11) % 500) as u32).collect(),
+                match expert {
                     0 => ExpertChoice::Base,
                     e => ExpertChoice::Named(format!("e{}", e - 1)),
                 },
-                params: SamplingParams {
-                    max_tokens,
-                    ..Default::default()
-                },
-            })
+                max_tokens,
+            ))
             .collect();
         let want = sequential(fam, &reqs, &[]);
         let config = EngineConfig {
@@ -475,38 +447,27 @@ impl Backend for Recording {
 fn long_prompts_enter_in_chunks_beside_decoding() {
     const CHUNK: usize = 16;
     let fam = family(1, 5);
-    let model = fam.model();
     let steps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let backend = Recording {
-        inner: model.backend,
-        steps: steps.clone(),
-    };
     let config = EngineConfig {
         prefill_chunk: CHUNK,
         ..Default::default()
     };
-    let engine = Engine::start(
-        backend,
-        Box::new(model.tokenizer),
-        vec![],
-        fam.experts.clone(),
-        None,
+    let engine = EngineStart {
         config,
-    )
+        ..fam.engine_start()
+    }
+    .on(|inner| Recording {
+        inner,
+        steps: steps.clone(),
+    })
+    .start()
     .unwrap();
     let mut a = engine
         .submit(long_request(ExpertChoice::Base, 200))
         .unwrap();
     assert!(matches!(next_event(&mut a), Some(Event::Started { .. })));
     while !matches!(next_event(&mut a), Some(Event::Text(_))) {}
-    let long = |e: &str| GenRequest {
-        prompt: (0..100).collect(),
-        choice: ExpertChoice::Named(e.to_string()),
-        params: SamplingParams {
-            max_tokens: 3,
-            ..Default::default()
-        },
-    };
+    let long = |e: &str| greedy((0..100).collect(), ExpertChoice::Named(e.to_string()), 3);
     let mut b = engine.submit(long("e0")).unwrap();
     let mut c = engine.submit(long("e0")).unwrap();
     assert_eq!(collect(&mut b).completion_tokens, 3);
@@ -531,4 +492,73 @@ fn long_prompts_enter_in_chunks_beside_decoding() {
         prefill_steps_beside_decoding += (prefill > 0) as usize;
     }
     assert!(prefill_steps_beside_decoding >= 2 * 100 / CHUNK);
+}
+
+/// `ln softmax(logits)[id]` for every id, in f64, written out here rather
+/// than taken from the engine.
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits.iter().map(|&l| l as f64 - max - z.ln()).collect()
+}
+
+/// The engine's logprobs are the log-softmax of the logits the backend
+/// gives for the same tokens, taken before the sampler's penalty and
+/// temperature (the request uses both), and top lists are the most likely
+/// ids by those logits.
+#[test]
+fn logprobs_are_the_log_softmax_of_the_backends_logits() {
+    const TOP: usize = 4;
+    let fam = family(1, 5);
+    let engine = fam.start_engine(EngineConfig::default());
+    let mut req = greedy(vec![9, 40, 41, 9], ExpertChoice::Named("e0".into()), 12);
+    req.params.temperature = 0.9;
+    req.params.repetition_penalty = 1.5;
+    req.params.top_k = 8;
+    req.params.seed = 17;
+    req.logprobs = Some(TOP);
+    let out = collect(&mut engine.submit(req.clone()).unwrap());
+    assert_eq!(out.error, None);
+    assert_eq!(out.logprobs.len(), out.completion_tokens, "no eos here");
+    let mut quiet = req.clone();
+    quiet.logprobs = None;
+    let plain = collect(&mut engine.submit(quiet).unwrap());
+    assert_eq!(plain.text, out.text, "asking for logprobs changes no token");
+    assert!(plain.logprobs.is_empty());
+
+    let model = fam.model();
+    let mut backend = model.backend;
+    let e0 = backend.load_expert(&fam.experts[0].path).unwrap();
+    let known = model.tokenizer.vocab_size();
+    let mut cache = backend.new_cache();
+    let mut feed = req.prompt.clone();
+    for (k, lp) in out.logprobs.iter().enumerate() {
+        let mut step = [SeqStep {
+            tokens: &feed,
+            cache: &mut cache,
+            expert: Some(e0),
+            logits: LogitsWanted::Last,
+        }];
+        let mut logits = backend.forward(&mut step).unwrap().remove(0);
+        logits
+            .iter_mut()
+            .skip(known)
+            .for_each(|l| *l = f32::NEG_INFINITY);
+        let want = log_softmax(&logits);
+        let id = lp.sampled.id as usize;
+        assert!(
+            (lp.sampled.logprob as f64 - want[id]).abs() < 1e-4,
+            "token {k}: {} vs {}",
+            lp.sampled.logprob,
+            want[id]
+        );
+        let mut ranked: Vec<usize> = (0..want.len()).collect();
+        ranked.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+        let top: Vec<usize> = lp.top.iter().map(|c| c.id as usize).collect();
+        assert_eq!(top, ranked[..TOP], "token {k}");
+        for c in &lp.top {
+            assert!((c.logprob as f64 - want[c.id as usize]).abs() < 1e-4);
+        }
+        feed = vec![lp.sampled.id];
+    }
 }

@@ -4,11 +4,10 @@
 
 mod engine_support;
 
-use engine_support::{collect, family, file_size, next_event, Family};
+use engine_support::{collect, family, file_size, greedy, next_event, EngineStart, Family};
 use meswitch_server::engine::{
     Engine, EngineConfig, EngineError, Event, ExpertChoice, ExpertSource, GenRequest, Tier,
 };
-use meswitch_server::sampling::SamplingParams;
 
 /// A device budget that holds `n` of the family's experts and not `n + 1`.
 fn budget_for(fam: &Family, n: u64) -> u64 {
@@ -19,27 +18,21 @@ fn budget_for(fam: &Family, n: u64) -> u64 {
 }
 
 fn start(fam: &Family, experts: Vec<ExpertSource>, config: EngineConfig) -> Engine {
-    let model = fam.model();
-    Engine::start(
-        model.backend,
-        Box::new(model.tokenizer),
-        vec![],
+    EngineStart {
         experts,
-        None,
         config,
-    )
+        ..fam.engine_start()
+    }
+    .start()
     .unwrap()
 }
 
 fn request(expert: &str, max_tokens: usize) -> GenRequest {
-    GenRequest {
-        prompt: vec![7, 8, 9],
-        choice: ExpertChoice::Named(expert.to_string()),
-        params: SamplingParams {
-            max_tokens,
-            ..Default::default()
-        },
-    }
+    greedy(
+        vec![7, 8, 9],
+        ExpertChoice::Named(expert.to_string()),
+        max_tokens,
+    )
 }
 
 fn run(engine: &Engine, expert: &str) {
@@ -123,20 +116,16 @@ fn pinned_expert_is_never_evicted() {
 #[test]
 fn pinned_experts_over_budget_are_refused_at_start() {
     let fam = family(2, 3);
-    let model = fam.model();
     let config = EngineConfig {
         device_budget_bytes: budget_for(&fam, 1),
         pinned: vec!["e0".to_string(), "e1".to_string()],
         ..Default::default()
     };
-    let r = Engine::start(
-        model.backend,
-        Box::new(model.tokenizer),
-        vec![],
-        fam.experts.clone(),
-        None,
+    let r = EngineStart {
         config,
-    );
+        ..fam.engine_start()
+    }
+    .start();
     let Err(EngineError::ExpertLoad { name, .. }) = r else {
         panic!("two pinned experts in a one-expert budget must be refused");
     };

@@ -8,29 +8,18 @@ mod engine_support;
 
 use std::time::Instant;
 
-use engine_support::{collect, family_of};
-use meswitch_server::engine::{Engine, EngineConfig, ExpertChoice, GenRequest};
-use meswitch_server::sampling::SamplingParams;
+use engine_support::{collect, family_of, greedy};
+use meswitch_server::engine::{EngineConfig, ExpertChoice};
 
 const REQUESTS: usize = 32;
 const PROMPT_TOKENS: usize = 32;
 const MAX_TOKENS: usize = 64;
 
 fn run(fam: &engine_support::Family, max_running: usize) -> (f64, usize, u64) {
-    let model = fam.model();
-    let config = EngineConfig {
+    let engine = fam.start_engine(EngineConfig {
         max_running,
         ..Default::default()
-    };
-    let engine = Engine::start(
-        model.backend,
-        Box::new(model.tokenizer),
-        vec![],
-        fam.experts.clone(),
-        None,
-        config,
-    )
-    .unwrap();
+    });
     let started = Instant::now();
     let mut handles: Vec<_> = (0..REQUESTS)
         .map(|i| {
@@ -41,17 +30,7 @@ fn run(fam: &engine_support::Family, max_running: usize) -> (f64, usize, u64) {
             let prompt = (0..PROMPT_TOKENS)
                 .map(|t| ((i * 31 + t * 7) % 500) as u32)
                 .collect();
-            let params = SamplingParams {
-                max_tokens: MAX_TOKENS,
-                ..Default::default()
-            };
-            engine
-                .submit(GenRequest {
-                    prompt,
-                    choice,
-                    params,
-                })
-                .unwrap()
+            engine.submit(greedy(prompt, choice, MAX_TOKENS)).unwrap()
         })
         .collect();
     let tokens: usize = handles

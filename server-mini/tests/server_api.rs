@@ -140,7 +140,10 @@ async fn chat_and_completions_streaming_and_not_agree() {
         let streamed = post(
             s.addr,
             "/v1/chat/completions",
-            &body.replace(r#""max_tokens""#, r#""stream":true,"max_tokens""#),
+            &body.replace(
+                r#""max_tokens""#,
+                r#""stream":true,"stream_options":{"include_usage":true},"max_tokens""#,
+            ),
         )
         .await;
         assert_eq!(streamed.status, 200);
@@ -161,9 +164,18 @@ async fn chat_and_completions_streaming_and_not_agree() {
             .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
             .collect();
         assert_eq!(joined, text, "greedy: streamed text = whole text");
-        let last = chunks.last().unwrap();
-        assert_eq!(last["choices"][0]["finish_reason"].as_str(), Some(finish));
-        assert_eq!(last["usage"], *usage);
+        let (usage_chunk, rest) = chunks.split_last().unwrap();
+        assert_eq!(usage_chunk["choices"], serde_json::json!([]));
+        assert_eq!(
+            usage_chunk["usage"], *usage,
+            "include_usage: one last chunk"
+        );
+        let finish_chunk = rest.last().unwrap();
+        assert_eq!(
+            finish_chunk["choices"][0]["finish_reason"].as_str(),
+            Some(finish)
+        );
+        assert!(rest.iter().all(|c| c.get("usage").is_none()));
     }
     // /v1/completions: text and token-id prompts.
     let r = post(
@@ -196,6 +208,12 @@ async fn chat_and_completions_streaming_and_not_agree() {
     )
     .await;
     let events = sse.sse_data();
+    assert!(
+        events[..events.len() - 1]
+            .iter()
+            .all(|e| !e.contains("usage")),
+        "no usage without stream_options.include_usage"
+    );
     let joined: String = events[..events.len() - 1]
         .iter()
         .map(|e| {
@@ -334,6 +352,78 @@ async fn malformed_requests_get_openai_errors_and_disturb_nothing() {
             Some("max_tokens"),
             Some("context_length_exceeded"),
         ),
+        (
+            chat_body("expert-01", "x", r#","n":9"#),
+            400,
+            Some("n"),
+            None,
+        ),
+        (
+            chat_body("expert-01", "x", r#","n":0"#),
+            400,
+            Some("n"),
+            None,
+        ),
+        (
+            chat_body("expert-01", "x", r#","n":true"#),
+            400,
+            Some("n"),
+            None,
+        ),
+        (
+            chat_body("expert-01", "x", r#","logprobs":"yes""#),
+            400,
+            Some("logprobs"),
+            None,
+        ),
+        (
+            chat_body("expert-01", "x", r#","logprobs":true,"top_logprobs":21"#),
+            400,
+            Some("top_logprobs"),
+            None,
+        ),
+        (
+            chat_body("expert-01", "x", r#","logprobs":true,"top_logprobs":"2""#),
+            400,
+            Some("top_logprobs"),
+            None,
+        ),
+        (
+            chat_body("expert-01", "x", r#","top_logprobs":2"#),
+            400,
+            Some("top_logprobs"),
+            None,
+        ),
+        (
+            chat_body(
+                "expert-01",
+                "x",
+                r#","stream_options":{"include_usage":true}"#,
+            ),
+            400,
+            Some("stream_options"),
+            None,
+        ),
+        (
+            chat_body(
+                "expert-01",
+                "x",
+                r#","stream":true,"stream_options":[true]"#,
+            ),
+            400,
+            Some("stream_options"),
+            None,
+        ),
+        (
+            chat_body(
+                "expert-01",
+                "x",
+                r#","stream":true,"stream_options":{"include_usage":1}"#,
+            ),
+            400,
+            Some("stream_options.include_usage"),
+            None,
+        ),
     ];
     for (body, status, param, code) in &cases {
         let r = post(s.addr, "/v1/chat/completions", body).await;
@@ -354,6 +444,15 @@ async fn malformed_requests_get_openai_errors_and_disturb_nothing() {
         (r.status, r.error()["param"].as_str()),
         (400, Some("prompt"))
     );
+    for bad in [r#""logprobs":6"#, r#""logprobs":true"#, r#""logprobs":-1"#] {
+        let body = format!(r#"{{"model":"expert-01","prompt":"x",{bad}}}"#);
+        let r = post(s.addr, "/v1/completions", &body).await;
+        assert_eq!(
+            (r.status, r.error()["param"].as_str()),
+            (400, Some("logprobs")),
+            "{bad}"
+        );
+    }
 
     // Oversized bodies: declared by Content-Length (refused before reading), and chunked.
     let big = format!(
@@ -498,12 +597,210 @@ async fn full_queue_is_429_and_shutdown_is_503_with_retry_after() {
         assert!(r.header("retry-after").unwrap().parse::<u32>().unwrap() >= 1);
         assert_eq!(r.error()["type"], "rate_limit_error");
     }
+    // n = 3 with one slot and one queue place: the third choice is refused,
+    // the whole request with it, and its first two choices leave the engine.
+    let three = body.replace(r#""max_tokens""#, r#""n":3,"max_tokens""#);
+    let r = post(s.addr, "/v1/completions", &three).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    wait_idle(s.addr).await;
     s.state.begin_shutdown();
     let r = post(s.addr, "/v1/completions", body).await;
     assert_eq!(r.status, 503);
     assert!(r.header("retry-after").is_some());
     assert_eq!(get(s.addr, "/health").await.status, 503);
     s.shutdown().await;
+}
+
+fn chunks_of(r: &Reply) -> Vec<serde_json::Value> {
+    let events = r.sse_data();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+/// `n` choices are independent sequences seeded seed+i, indexed 0..n, with
+/// the prompt counted once in usage; streamed, each chunk names its choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_seeded_sequences_with_summed_usage() {
+    let s = start(Setup::default()).await;
+    let sampled = |extra: &str| {
+        chat_body(
+            "expert-03",
+            "Tell me about rivers.",
+            &format!(r#","max_tokens":8,"temperature":1.0,"seed":40{extra}"#),
+        )
+    };
+    let whole = post(s.addr, "/v1/chat/completions", &sampled(r#","n":3"#)).await;
+    assert_eq!(whole.status, 200, "{}", whole.text());
+    let v = whole.json();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let texts: Vec<&str> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i);
+            c["message"]["content"].as_str().unwrap()
+        })
+        .collect();
+    let single = post(
+        s.addr,
+        "/v1/chat/completions",
+        &sampled("").replace(r#""seed":40"#, r#""seed":41"#),
+    )
+    .await
+    .json();
+    assert_eq!(
+        single["choices"][0]["message"]["content"], texts[1],
+        "choice 1 is seed + 1"
+    );
+    let usage = &v["usage"];
+    assert_eq!(usage["prompt_tokens"], single["usage"]["prompt_tokens"]);
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!((3..=24).contains(&completion), "{usage}");
+    assert!(texts[0] != texts[1] || texts[1] != texts[2], "{texts:?}");
+
+    let streamed = post(
+        s.addr,
+        "/v1/chat/completions",
+        &sampled(r#","n":3,"stream":true,"stream_options":{"include_usage":true}"#),
+    )
+    .await;
+    let chunks = chunks_of(&streamed);
+    let (last, rest) = chunks.split_last().unwrap();
+    assert_eq!(last["usage"], *usage);
+    for (i, text) in texts.iter().enumerate() {
+        let of_i: Vec<&serde_json::Value> = rest
+            .iter()
+            .map(|c| &c["choices"][0])
+            .filter(|c| c["index"] == i)
+            .collect();
+        assert_eq!(of_i[0]["delta"]["role"], "assistant");
+        let joined: String = of_i
+            .iter()
+            .filter_map(|c| c["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(joined, *text, "choice {i}");
+        assert_eq!(
+            of_i.iter()
+                .filter(|c| !c["finish_reason"].is_null())
+                .count(),
+            1
+        );
+    }
+    s.shutdown().await;
+}
+
+/// Logprobs in both endpoints' shapes, streamed and not; greedy, so the
+/// sampled token is the most likely and streaming repeats the whole answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_in_openai_shapes_streamed_and_not() {
+    let s = start(Setup::default()).await;
+    let body = chat_body(
+        "expert-01",
+        "What is an integral?",
+        r#","max_tokens":6,"temperature":0,"logprobs":true,"top_logprobs":3"#,
+    );
+    let v = post(s.addr, "/v1/chat/completions", &body).await.json();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert!(!content.is_empty());
+    assert!(content.len() <= v["usage"]["completion_tokens"].as_u64().unwrap() as usize);
+    for t in content {
+        let token = t["token"].as_str().unwrap();
+        let bytes: Vec<u8> = t["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, token.as_bytes());
+        let lp = t["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0);
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0]["logprob"].as_f64().unwrap(), lp, "greedy: the best");
+        assert!(top
+            .windows(2)
+            .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()));
+    }
+    let streamed = post(
+        s.addr,
+        "/v1/chat/completions",
+        &body.replace(r#""max_tokens""#, r#""stream":true,"max_tokens""#),
+    )
+    .await;
+    let streamed_content: Vec<serde_json::Value> = chunks_of(&streamed)
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed_content, *content);
+    let without = post(
+        s.addr,
+        "/v1/chat/completions",
+        &chat_body(
+            "expert-01",
+            "What is an integral?",
+            r#","max_tokens":6,"temperature":0"#,
+        ),
+    )
+    .await
+    .json();
+    assert_eq!(without["choices"][0]["logprobs"], serde_json::Value::Null);
+    assert_eq!(
+        without["choices"][0]["message"], v["choices"][0]["message"],
+        "logprobs change no token"
+    );
+
+    let c = post(
+        s.addr,
+        "/v1/completions",
+        r#"{"model":"expert-01","prompt":"Once","max_tokens":5,"temperature":0,"logprobs":2}"#,
+    )
+    .await
+    .json();
+    let lp = &c["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    let n = tokens.len();
+    assert!(n >= 1);
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n);
+    assert_eq!(lp["top_logprobs"].as_array().unwrap().len(), n);
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    for k in 1..n {
+        let prev = tokens[k - 1].as_str().unwrap().chars().count() as u64;
+        assert_eq!(offsets[k], offsets[k - 1] + prev);
+    }
+    for (k, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert!((1..=2).contains(&top.len()));
+        let best = top
+            .values()
+            .map(|l| l.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(best, lp["token_logprobs"][k].as_f64().unwrap());
+    }
+    s.shutdown().await;
+}
+
+/// Waits until the engine has nothing queued or running.
+async fn wait_idle(addr: std::net::SocketAddr) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = get(addr, "/health").await.json();
+        if h["queued"] == 0 && h["running"] == 0 {
+            return;
+        }
+        assert!(Instant::now() < until, "the engine stays busy: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn futures_join(addr: std::net::SocketAddr, body: &'static str, n: usize) -> Vec<Reply> {

@@ -121,12 +121,16 @@ async fn client(
         let topic = topics[k % family().domains.len()].1[k % 6];
         // 8..=39 new tokens: a mix of short and longer generations.
         let max_tokens = 8 + (k * 13) % 32;
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "model": model,
             "messages": [{"role": "user", "content": format!("Tell me something surprising about {topic}.")}],
             "max_tokens": max_tokens, "stream": stream, "temperature": 0.7, "seed": k,
-        })
-        .to_string();
+        });
+        if stream {
+            // Streamed usage comes only when asked, in the chunk before [DONE].
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        let body = body.to_string();
         if let Err(e) = one_request(&mut sender, body, stream, &mut log).await {
             log.failures.push(format!(
                 "client {id} request {n} ({model}, stream {stream}): {e}"

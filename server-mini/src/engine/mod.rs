@@ -10,6 +10,7 @@
 //! shared queue ([`Engine::submit`]), admin commands, and per-request event
 //! channels.
 
+mod logprobs;
 mod residency;
 mod sequence;
 mod shared;
@@ -25,6 +26,8 @@ use crate::sampling::SamplingParams;
 use residency::Residency;
 use shared::{Command, Pending, Shared};
 use worker::Worker;
+
+pub use logprobs::{log_softmax_top, Candidate, TokenLogprob, MAX_TOP_LOGPROBS};
 
 /// Engine limits and budgets.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,6 +92,10 @@ pub struct GenRequest {
     pub choice: ExpertChoice,
     /// max_tokens and stop strings live here.
     pub params: SamplingParams,
+    /// `Some(n)`: send each generated token's logprob and the `n` (at most
+    /// [`MAX_TOP_LOGPROBS`]) most likely tokens ([`Event::Logprob`]);
+    /// `None`: none are computed.
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -115,6 +122,10 @@ pub enum Event {
         route: Option<RouteDecision>,
         prompt_tokens: usize,
     },
+    /// The token just sampled, for a request that asked for logprobs: sent
+    /// before the step's [`Event::Text`]. One per generated token but an
+    /// end-of-sequence one; tokens whose text a stop string cuts included.
+    Logprob(TokenLogprob),
     /// Newly final text (stop strings and partial UTF-8 held back, as
     /// `generate` does).
     Text(String),
@@ -350,6 +361,11 @@ impl Engine {
         req.params
             .validate()
             .map_err(|e| SubmitError::InvalidParams(e.to_string()))?;
+        if req.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(SubmitError::InvalidParams(format!(
+                "at most {MAX_TOP_LOGPROBS} top logprobs per token"
+            )));
+        }
         if req.params.max_tokens == 0 {
             return Err(SubmitError::InvalidParams(
                 "max_tokens must be ≥ 1".to_string(),

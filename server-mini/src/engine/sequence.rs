@@ -12,6 +12,7 @@
 //!   step 4:                        [t0] logits -> t1   (decode)
 //! ```
 
+use super::logprobs::{log_softmax_top, Candidate, TokenLogprob};
 use crate::generate::{safe_prefix_len, Detokenize, StopReason};
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -27,6 +28,8 @@ pub(crate) struct Sequence {
     text: String,
     /// Bytes of `text` already sent.
     emitted: usize,
+    /// `Some(n)`: report each token's logprob and the `n` most likely.
+    logprobs: Option<usize>,
 }
 
 /// What one step's logits did to a sequence.
@@ -35,11 +38,18 @@ pub(crate) struct Progress {
     /// Text that became final in this step.
     pub text: Option<String>,
     pub done: Option<StopReason>,
+    /// The sampled token's logprob, when the request asked (never for an
+    /// end-of-sequence token: it is not part of the text).
+    pub logprob: Option<TokenLogprob>,
 }
 
 impl Sequence {
     /// `params` must be valid (checked at submit).
-    pub fn new(prompt: Vec<u32>, params: SamplingParams) -> Result<Sequence, String> {
+    pub fn new(
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        logprobs: Option<usize>,
+    ) -> Result<Sequence, String> {
         let sampler = Sampler::new(params).map_err(|e| e.to_string())?;
         Ok(Sequence {
             context: prompt.clone(),
@@ -49,6 +59,7 @@ impl Sequence {
             ids: Vec::new(),
             text: String::new(),
             emitted: 0,
+            logprobs,
         })
     }
 
@@ -105,9 +116,30 @@ impl Sequence {
                 .skip(v)
                 .for_each(|l| *l = f32::NEG_INFINITY);
         }
+        // The sampler edits the logits in place (penalty): keep what it saw.
+        let seen = self.logprobs.map(|top| (logits.to_vec(), top));
         let token = self.sampler.sample(logits, &self.context);
         self.ids.push(token);
         self.context.push(token);
+        let logprob = match seen {
+            Some((seen, top)) if !eos.contains(&token) => {
+                Some(token_logprob(&seen, token, top, detok)?)
+            }
+            _ => None,
+        };
+        let mut progress = self.progress(token, detok, eos)?;
+        progress.logprob = logprob;
+        Ok(progress)
+    }
+
+    /// The end conditions after `token`, in `generate`'s order, and the
+    /// text that became final.
+    fn progress(
+        &mut self,
+        token: u32,
+        detok: &dyn Detokenize,
+        eos: &[u32],
+    ) -> Result<Progress, String> {
         if eos.contains(&token) {
             let visible: Vec<u32> = self
                 .ids
@@ -143,8 +175,8 @@ impl Sequence {
     /// The rest of the text (nothing is held back any more).
     fn finish(&mut self, stop: StopReason) -> Progress {
         let mut progress = Progress {
-            text: None,
             done: Some(stop),
+            ..Progress::default()
         };
         if self.text.len() > self.emitted && self.text.is_char_boundary(self.emitted) {
             progress.text = Some(self.text[self.emitted..].to_string());
@@ -152,6 +184,27 @@ impl Sequence {
         }
         progress
     }
+}
+
+fn token_logprob(
+    logits: &[f32],
+    token: u32,
+    top: usize,
+    detok: &dyn Detokenize,
+) -> Result<TokenLogprob, String> {
+    let (logprob, best) = log_softmax_top(logits, token, top);
+    let candidate = |id: u32, logprob: f32| {
+        detok
+            .detokenize(&[id])
+            .map(|text| Candidate { id, text, logprob })
+    };
+    Ok(TokenLogprob {
+        sampled: candidate(token, logprob)?,
+        top: best
+            .into_iter()
+            .map(|(id, l)| candidate(id, l))
+            .collect::<Result<_, _>>()?,
+    })
 }
 
 #[cfg(test)]
@@ -178,7 +231,7 @@ mod tests {
             max_tokens: 3,
             ..Default::default()
         };
-        let mut s = Sequence::new(vec![1, 2, 3, 4, 5], params).unwrap();
+        let mut s = Sequence::new(vec![1, 2, 3, 4, 5], params, None).unwrap();
         assert_eq!(s.next_input(2), &[1, 2]);
         assert!(!s.advance(2));
         assert_eq!(s.next_input(2), &[3, 4]);
@@ -206,7 +259,7 @@ mod tests {
             stop: vec!["cd".to_string()],
             ..Default::default()
         };
-        let mut s = Sequence::new(vec![0], params).unwrap();
+        let mut s = Sequence::new(vec![0], params, None).unwrap();
         s.advance(1);
         let mut texts = String::new();
         let mut done = None;
@@ -227,12 +280,46 @@ mod tests {
     #[test]
     fn eos_is_counted_but_not_shown() {
         let params = SamplingParams::default();
-        let mut s = Sequence::new(vec![0], params).unwrap();
+        let mut s = Sequence::new(vec![0], params, None).unwrap();
         s.advance(1);
         s.on_logits(&mut one_hot(26, 4), &Letters, &[25]).unwrap();
         let p = s.on_logits(&mut one_hot(26, 25), &Letters, &[25]).unwrap();
         assert_eq!(p.done, Some(StopReason::Eos));
         assert_eq!(p.text, None, "'e' was already final");
         assert_eq!(s.generated(), 2);
+    }
+
+    #[test]
+    fn logprobs_are_of_the_logits_before_the_penalty_and_only_when_asked() {
+        let params = SamplingParams {
+            repetition_penalty: 4.0,
+            ..Default::default()
+        };
+        let logits = [0.0f32, 2.0, 1.5, -1.0];
+        let mut asked = Sequence::new(vec![1], params.clone(), Some(2)).unwrap();
+        asked.advance(1);
+        // Token 1 is in the context: 2.0 / 4 falls under token 2's 1.5.
+        let p = asked
+            .on_logits(&mut logits.to_vec(), &Letters, &[])
+            .unwrap();
+        let lp = p.logprob.unwrap();
+        assert_eq!(lp.sampled.id, 2);
+        assert_eq!(lp.sampled.text, "c");
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let want = |id: usize| ((logits[id] as f64).exp() / z).ln() as f32;
+        assert!((lp.sampled.logprob - want(2)).abs() < 1e-6);
+        let top: Vec<u32> = lp.top.iter().map(|c| c.id).collect();
+        assert_eq!(top, [1, 2], "ranked by the unpenalised logits");
+        assert!((lp.top[0].logprob - want(1)).abs() < 1e-6);
+        let mut quiet = Sequence::new(vec![1], params, None).unwrap();
+        quiet.advance(1);
+        let p = quiet
+            .on_logits(&mut logits.to_vec(), &Letters, &[])
+            .unwrap();
+        assert_eq!(p.logprob, None);
+        let eos = asked
+            .on_logits(&mut one_hot(26, 25), &Letters, &[25])
+            .unwrap();
+        assert_eq!((eos.done, eos.logprob), (Some(StopReason::Eos), None));
     }
 }

@@ -341,7 +341,8 @@ impl<B: Backend> Worker<B> {
             route,
         } = w;
         let prompt_tokens = pending.req.prompt.len();
-        let seq = match Sequence::new(pending.req.prompt, pending.req.params) {
+        let req = pending.req;
+        let seq = match Sequence::new(req.prompt, req.params, req.logprobs) {
             Ok(s) => s,
             Err(why) => {
                 self.stats.failed_requests += 1;
@@ -473,6 +474,11 @@ impl<B: Backend> Worker<B> {
             Err(why) => return Some(End::Failed(format!("detokenizing: {why}"))),
         };
         self.stats.generated_tokens += 1;
+        if let Some(lp) = progress.logprob {
+            if r.events.send(Event::Logprob(lp)).is_err() {
+                return Some(End::Gone);
+            }
+        }
         if let Some(text) = progress.text {
             if r.events.send(Event::Text(text)).is_err() {
                 return Some(End::Gone);

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use super::admin::AdminConfig;
 use super::error::ApiError;
 use super::metrics::{self, Metrics};
-use super::openai::{self, Endpoint, RouteInfo, Served, Usage};
+use super::openai::{self, ChoiceOut, Endpoint, RouteInfo, Served, Usage};
 use super::prompt::Prompter;
 use super::stream::{self, Accounting, SseBody};
 use crate::engine::{Engine, Event, ExpertChoice, GenRequest, SubmitError, Tier};
@@ -324,35 +324,55 @@ async fn generate(
         Some(m) => m,
         None => limits.default_max_tokens.min(room),
     };
-    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-    let params = SamplingParams {
-        temperature: r.temperature,
-        top_k: r.top_k,
-        top_p: r.top_p,
-        repetition_penalty: r.repetition_penalty,
-        // Unseeded requests still differ from each other.
-        seed: r.seed.unwrap_or(id),
-        max_tokens,
-        stop: r.stop.clone(),
-    };
-    let mut handle = state
-        .engine
-        .submit(GenRequest {
-            prompt,
-            choice,
+    // One id per choice: an unseeded request's choices draw with seeds
+    // id..id+n, distinct from every other request's.
+    let id = state.next_id.fetch_add(r.n as u64, Ordering::Relaxed);
+    let seed = r.seed.unwrap_or(id);
+    // The n choices are n engine requests; dropping `handles` (an error
+    // return, a client gone) cancels every one of them.
+    let mut handles = Vec::with_capacity(r.n);
+    for i in 0..r.n {
+        let params = SamplingParams {
+            temperature: r.temperature,
+            top_k: r.top_k,
+            top_p: r.top_p,
+            repetition_penalty: r.repetition_penalty,
+            seed: seed.wrapping_add(i as u64),
+            max_tokens,
+            stop: r.stop.clone(),
+        };
+        let request = GenRequest {
+            prompt: prompt.clone(),
+            choice: choice.clone(),
             params,
-        })
-        .map_err(|e| submit_error(e, prompt_param))?;
-    let (expert, route, prompt_tokens) = match handle.events.recv().await {
-        Some(Event::Started {
-            expert,
-            route,
-            prompt_tokens,
-        }) => (expert, route, prompt_tokens),
-        Some(Event::Error(e)) => return Err(ApiError::internal(format!("generation failed: {e}"))),
-        Some(_) => return Err(ApiError::internal("the engine sent text before starting")),
-        None => return Err(ApiError::internal("the engine dropped the request")),
-    };
+            logprobs: r.logprobs,
+        };
+        handles.push(
+            state
+                .engine
+                .submit(request)
+                .map_err(|e| submit_error(e, prompt_param))?,
+        );
+    }
+    let mut started = None;
+    for handle in &mut handles {
+        let this = match handle.events.recv().await {
+            Some(Event::Started {
+                expert,
+                route,
+                prompt_tokens,
+            }) => (expert, route, prompt_tokens),
+            Some(Event::Error(e)) => {
+                return Err(ApiError::internal(format!("generation failed: {e}")))
+            }
+            Some(_) => return Err(ApiError::internal("the engine sent text before starting")),
+            None => return Err(ApiError::internal("the engine dropped the request")),
+        };
+        // Choices of `auto` are routed one by one; the router sees the same
+        // prompt each time, so they agree.
+        started.get_or_insert(this);
+    }
+    let (expert, route, prompt_tokens) = started.expect("n ≥ 1 is checked at parsing");
     let model = expert.unwrap_or_else(|| state.base_name.clone());
     let served = Served {
         id: format!("{}-{id}", endpoint.id_prefix()),
@@ -364,6 +384,7 @@ async fn generate(
             expert: model.clone(),
         }),
     };
+    // Usage counts the prompt once whatever `n`, as OpenAI does.
     let mut acct = Accounting::new(
         state.metrics.clone(),
         endpoint,
@@ -372,21 +393,30 @@ async fn generate(
         prompt_tokens,
     );
     let mut response = if r.stream {
-        let mut resp = Response::new(SseBody::new(handle.events, served.clone(), acct).boxed());
+        let events = handles.into_iter().map(|h| h.events).collect();
+        let body = SseBody::new(events, served.clone(), acct, r.include_usage);
+        let mut resp = Response::new(body.boxed());
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         resp
     } else {
-        let done = stream::collect(&mut handle.events, &mut acct).await?;
-        let usage = Usage::new(prompt_tokens, done.completion_tokens);
-        let body = openai::completion_body(
-            endpoint,
-            &served,
-            &done.text,
-            openai::finish_reason(done.stop),
-            usage,
-        );
+        let mut choices = Vec::with_capacity(handles.len());
+        let mut completion_tokens = 0;
+        // The engine runs the choices together; their events wait in the
+        // channels while an earlier choice is read.
+        for handle in &mut handles {
+            let done = stream::collect(&mut handle.events, &mut acct).await?;
+            completion_tokens += done.completion_tokens;
+            choices.push(ChoiceOut {
+                text: done.text,
+                finish: openai::finish_reason(done.stop),
+                logprobs: r.logprobs.is_some().then_some(done.logprobs),
+            });
+        }
+        acct.on_done(completion_tokens);
+        let usage = Usage::new(prompt_tokens, completion_tokens);
+        let body = openai::completion_body(endpoint, &served, &choices, usage);
         json_response(StatusCode::OK, &body)
     };
     let h = response.headers_mut();

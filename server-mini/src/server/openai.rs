@@ -3,19 +3,28 @@
 //!
 //! Requests are read field by field from a JSON value rather than through a
 //! derived `Deserialize`, so a wrong type names its field in the error's
-//! `param` (clients send many fields we ignore, e.g. `user`, `logprobs: false`;
-//! those are accepted as long as they do not ask for something we cannot do).
+//! `param` (clients send many fields we ignore, e.g. `user`; those are
+//! accepted as long as they do not ask for something we cannot do).
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::chat::ChatMessage;
+use crate::engine::{TokenLogprob, MAX_TOP_LOGPROBS};
 
 /// OpenAI's limit on `stop` sequences.
 pub const MAX_STOP_SEQUENCES: usize = 4;
 /// OpenAI's range for `temperature`.
 pub const MAX_TEMPERATURE: f64 = 2.0;
+/// Most choices (`n`) one request may ask for: each is a sequence in the
+/// engine's batch, so a large `n` is a large share of it.
+pub const MAX_CHOICES: usize = 8;
+/// OpenAI's limit on `logprobs` in the completions API (chat allows
+/// [`MAX_TOP_LOGPROBS`] `top_logprobs`).
+pub const MAX_COMPLETION_LOGPROBS: usize = 5;
+/// What OpenAI reports for a probability that underflows (JSON has no -inf).
+pub const LOGPROB_FLOOR: f32 = -9999.0;
 
 /// What to generate from: chat messages (rendered with the chat template) or
 /// a raw prompt (text or token ids).
@@ -40,6 +49,12 @@ pub struct CompletionRequest {
     pub repetition_penalty: f32,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Choices to generate (1..=[`MAX_CHOICES`]).
+    pub n: usize,
+    /// `Some(k)`: report each token's logprob and the `k` most likely.
+    pub logprobs: Option<usize>,
+    /// `stream_options.include_usage`: a last chunk with the usage.
+    pub include_usage: bool,
 }
 
 /// Which endpoint a request came in on (decides its response shape).
@@ -135,10 +150,12 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
         Endpoint::Chat => PromptInput::Chat(parse_messages(f.get("messages"))?),
         Endpoint::Completions => parse_prompt(f.get("prompt"))?,
     };
-    if let Some(n) = f.unsigned("n")? {
-        if n != 1 {
-            return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
-        }
+    let n = f.unsigned("n")?.unwrap_or(1);
+    if !(1..=MAX_CHOICES as u64).contains(&n) {
+        return Err(ApiError::invalid(
+            Some("n"),
+            format!("`n` must be in [1, {MAX_CHOICES}]"),
+        ));
     }
     if f.get("best_of")
         .and_then(Value::as_u64)
@@ -194,18 +211,15 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
             ));
         }
     }
-    if f.get("logprobs")
-        .is_some_and(|v| v != &Value::Bool(false) && v != &Value::from(0))
-    {
-        return Err(ApiError::invalid(
-            Some("logprobs"),
-            "`logprobs` is not supported",
-        ));
-    }
+    let logprobs = match endpoint {
+        Endpoint::Chat => chat_logprobs(&f)?,
+        Endpoint::Completions => completion_logprobs(&f)?,
+    };
+    let stream = f.boolean("stream")?.unwrap_or(false);
     Ok(CompletionRequest {
         model,
         input,
-        stream: f.boolean("stream")?.unwrap_or(false),
+        stream,
         max_tokens,
         temperature: temperature as f32,
         top_p: top_p as f32,
@@ -213,7 +227,64 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
         repetition_penalty: repetition_penalty as f32,
         seed: f.unsigned("seed")?,
         stop: parse_stop(f.get("stop"))?,
+        n: n as usize,
+        logprobs,
+        include_usage: include_usage(&f, stream)?,
     })
+}
+
+/// Chat: `logprobs: true` turns them on; `top_logprobs` (0..=20) asks for
+/// alternatives and, as OpenAI has it, needs `logprobs: true`.
+fn chat_logprobs(f: &Fields) -> Result<Option<usize>, ApiError> {
+    let on = f.boolean("logprobs")?.unwrap_or(false);
+    let top = f.unsigned("top_logprobs")?;
+    if top.is_some_and(|k| k > MAX_TOP_LOGPROBS as u64) {
+        return Err(ApiError::invalid(
+            Some("top_logprobs"),
+            format!("`top_logprobs` must be in [0, {MAX_TOP_LOGPROBS}]"),
+        ));
+    }
+    if top.is_some() && !on {
+        return Err(ApiError::invalid(
+            Some("top_logprobs"),
+            "`top_logprobs` needs `logprobs: true`",
+        ));
+    }
+    Ok(on.then(|| top.unwrap_or(0) as usize))
+}
+
+/// Completions: `logprobs: k` (0..=5) reports each token's logprob and the
+/// `k` most likely; absent or null, none.
+fn completion_logprobs(f: &Fields) -> Result<Option<usize>, ApiError> {
+    match f.unsigned("logprobs")? {
+        Some(k) if k > MAX_COMPLETION_LOGPROBS as u64 => Err(ApiError::invalid(
+            Some("logprobs"),
+            format!("`logprobs` must be in [0, {MAX_COMPLETION_LOGPROBS}]"),
+        )),
+        k => Ok(k.map(|k| k as usize)),
+    }
+}
+
+/// `stream_options`: an object, only with `stream: true` (as OpenAI);
+/// `include_usage` a boolean.
+fn include_usage(f: &Fields, stream: bool) -> Result<bool, ApiError> {
+    let Some(v) = f.get("stream_options") else {
+        return Ok(false);
+    };
+    let Value::Object(options) = v else {
+        return Err(wrong_type("stream_options", "an object"));
+    };
+    if !stream {
+        return Err(ApiError::invalid(
+            Some("stream_options"),
+            "`stream_options` is only allowed with `stream: true`",
+        ));
+    }
+    match options.get("include_usage") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(wrong_type("stream_options.include_usage", "a boolean")),
+    }
 }
 
 fn parse_stop(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
@@ -369,63 +440,162 @@ pub struct Served {
     pub route: Option<RouteInfo>,
 }
 
-/// A whole (non-streaming) response body.
+/// One finished choice of a whole (non-streaming) response.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChoiceOut {
+    pub text: String,
+    pub finish: &'static str,
+    /// Present when the request asked for logprobs.
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+/// A whole (non-streaming) response body: choices indexed in order.
 pub fn completion_body(
     endpoint: Endpoint,
     served: &Served,
-    text: &str,
-    finish: &str,
+    choices: &[ChoiceOut],
     usage: Usage,
 ) -> Value {
-    let choice = match endpoint {
-        Endpoint::Chat => serde_json::json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": null,
-            "finish_reason": finish,
-        }),
-        Endpoint::Completions => serde_json::json!({
-            "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
-        }),
-    };
-    envelope(endpoint.object(), served, choice, Some(usage))
+    let choices = choices
+        .iter()
+        .enumerate()
+        .map(|(index, c)| {
+            let logprobs = c
+                .logprobs
+                .as_deref()
+                .map_or(Value::Null, |l| logprobs_json(endpoint, l, 0));
+            match endpoint {
+                Endpoint::Chat => serde_json::json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish,
+                }),
+                Endpoint::Completions => serde_json::json!({
+                    "index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish,
+                }),
+            }
+        })
+        .collect();
+    envelope(endpoint.object(), served, choices, Some(usage))
 }
 
-/// One streamed chunk: `text` (possibly empty), and on the last one the
-/// finish reason and usage.
-pub fn chunk_body(
-    endpoint: Endpoint,
-    served: &Served,
-    text: Option<&str>,
-    first: bool,
-    finish: Option<(&str, Usage)>,
-) -> Value {
-    let reason = finish.map(|f| f.0);
+/// One choice's part of a streamed chunk.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChunkChoice<'a> {
+    pub index: usize,
+    /// Chat: the opening chunk of a choice carries the assistant role.
+    pub role: bool,
+    pub text: Option<&'a str>,
+    /// Already in the endpoint's shape ([`logprobs_json`]).
+    pub logprobs: Option<Value>,
+    pub finish: Option<&'a str>,
+}
+
+/// One streamed chunk with one choice. Usage goes in its own last chunk
+/// ([`usage_chunk`]).
+pub fn chunk_body(endpoint: Endpoint, served: &Served, c: ChunkChoice<'_>) -> Value {
+    let logprobs = c.logprobs.unwrap_or(Value::Null);
     let choice = match endpoint {
         Endpoint::Chat => {
             let mut delta = Map::new();
-            if first {
+            if c.role {
                 delta.insert("role".into(), "assistant".into());
             }
-            if let Some(t) = text {
+            if let Some(t) = c.text {
                 delta.insert("content".into(), t.into());
             }
-            serde_json::json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
+            serde_json::json!({"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish})
         }
         Endpoint::Completions => serde_json::json!({
-            "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason,
+            "index": c.index, "text": c.text.unwrap_or(""), "logprobs": logprobs, "finish_reason": c.finish,
         }),
     };
-    envelope(endpoint.chunk_object(), served, choice, finish.map(|f| f.1))
+    envelope(endpoint.chunk_object(), served, vec![choice], None)
 }
 
-fn envelope(object: &str, served: &Served, choice: Value, usage: Option<Usage>) -> Value {
+/// `stream_options.include_usage`: the chunk before `[DONE]`, with no choices.
+pub fn usage_chunk(endpoint: Endpoint, served: &Served, usage: Usage) -> Value {
+    envelope(endpoint.chunk_object(), served, Vec::new(), Some(usage))
+}
+
+fn logprob_value(l: f32) -> f32 {
+    if l.is_finite() {
+        l.max(LOGPROB_FLOOR)
+    } else {
+        LOGPROB_FLOOR
+    }
+}
+
+/// Tokens' logprobs in the endpoint's shape. Chat:
+///
+/// ```text
+///   {"content": [{"token", "logprob", "bytes": [u8..], "top_logprobs": [{"token", "logprob", "bytes"}..]}..]}
+/// ```
+///
+/// completions (`text_offset`: in characters of the completion text, the
+/// first token at `text_offset`, for a stream's later chunks):
+///
+/// ```text
+///   {"tokens": [..], "token_logprobs": [..], "top_logprobs": [{token: logprob}..], "text_offset": [..]}
+/// ```
+pub fn logprobs_json(endpoint: Endpoint, tokens: &[TokenLogprob], text_offset: usize) -> Value {
+    match endpoint {
+        Endpoint::Chat => {
+            let entry = |c: &crate::engine::Candidate| {
+                serde_json::json!({
+                    "token": c.text,
+                    "logprob": logprob_value(c.logprob),
+                    "bytes": c.text.as_bytes(),
+                })
+            };
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let mut e = entry(&t.sampled);
+                    e["top_logprobs"] = t.top.iter().map(entry).collect();
+                    e
+                })
+                .collect();
+            serde_json::json!({ "content": content })
+        }
+        Endpoint::Completions => {
+            let mut offset = text_offset;
+            let mut offsets = Vec::with_capacity(tokens.len());
+            for t in tokens {
+                offsets.push(offset);
+                offset += t.sampled.text.chars().count();
+            }
+            let top: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    // Keyed by text: ids that decode alike (partial UTF-8
+                    // bytes all show as U+FFFD) keep the likeliest's entry.
+                    let mut m = Map::new();
+                    for c in &t.top {
+                        m.entry(c.text.clone())
+                            .or_insert_with(|| logprob_value(c.logprob).into());
+                    }
+                    Value::Object(m)
+                })
+                .collect();
+            serde_json::json!({
+                "tokens": tokens.iter().map(|t| t.sampled.text.as_str()).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| logprob_value(t.sampled.logprob)).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+    }
+}
+
+fn envelope(object: &str, served: &Served, choices: Vec<Value>, usage: Option<Usage>) -> Value {
     let mut v = serde_json::json!({
         "id": served.id,
         "object": object,
         "created": served.created,
         "model": served.model,
-        "choices": [choice],
+        "choices": choices,
     });
     if let Some(u) = usage {
         v["usage"] = serde_json::to_value(u).unwrap_or(Value::Null);
@@ -503,8 +673,44 @@ mod tests {
                 "stream",
             ),
             (
-                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"n":2}"#,
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"n":9}"#,
                 "n",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"n":0}"#,
+                "n",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"n":"2"}"#,
+                "n",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"logprobs":1}"#,
+                "logprobs",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":-1}"#,
+                "top_logprobs",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#,
+                "top_logprobs",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":true}"#,
+                "stream_options",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
+                "stream_options",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":"yes"}}"#,
+                "stream_options.include_usage",
             ),
             (
                 r#"{"model":"a","messages":[{"role":"user","content":"x"}],"stop":[1]}"#,
@@ -547,6 +753,90 @@ mod tests {
     }
 
     #[test]
+    fn choices_logprobs_and_stream_options_parse() {
+        let r = chat(
+            r#"{"model":"a","messages":[{"role":"user","content":"x"}],"n":3,"logprobs":true,
+            "top_logprobs":4,"stream":true,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert_eq!((r.n, r.logprobs, r.include_usage), (3, Some(4), true));
+        let r = chat(r#"{"model":"a","messages":[{"role":"user","content":"x"}],"logprobs":false,"stream":true,"stream_options":{}}"#).unwrap();
+        assert_eq!((r.n, r.logprobs, r.include_usage), (1, None, false));
+        let r = chat(r#"{"model":"a","messages":[{"role":"user","content":"x"}],"logprobs":true}"#)
+            .unwrap();
+        assert_eq!(r.logprobs, Some(0));
+        let c = |s: &str| parse_request(Endpoint::Completions, s.as_bytes());
+        assert_eq!(
+            c(r#"{"model":"m","prompt":"p","logprobs":5}"#)
+                .unwrap()
+                .logprobs,
+            Some(5)
+        );
+        assert_eq!(
+            c(r#"{"model":"m","prompt":"p","logprobs":0}"#)
+                .unwrap()
+                .logprobs,
+            Some(0)
+        );
+        assert_eq!(c(r#"{"model":"m","prompt":"p"}"#).unwrap().logprobs, None);
+        for bad in [r#""logprobs":6"#, r#""logprobs":true"#, r#""logprobs":1.5"#] {
+            let e = c(&format!(r#"{{"model":"m","prompt":"p",{bad}}}"#)).unwrap_err();
+            assert_eq!(
+                (e.status.as_u16(), e.param.as_deref()),
+                (400, Some("logprobs")),
+                "{bad}"
+            );
+        }
+    }
+
+    fn token(id: u32, text: &str, logprob: f32, top: &[(u32, &str, f32)]) -> TokenLogprob {
+        let c = |id, text: &str, logprob| crate::engine::Candidate {
+            id,
+            text: text.to_string(),
+            logprob,
+        };
+        TokenLogprob {
+            sampled: c(id, text, logprob),
+            top: top.iter().map(|&(i, t, l)| c(i, t, l)).collect(),
+        }
+    }
+
+    #[test]
+    fn logprobs_have_openai_shapes() {
+        let tokens = [
+            token(
+                5,
+                "hé",
+                -0.5,
+                &[(5, "hé", -0.5), (6, "x", -1.0), (9, "x", -2.0)],
+            ),
+            token(7, "y", f32::NEG_INFINITY, &[(8, "z", -0.1)]),
+        ];
+        let chat = logprobs_json(Endpoint::Chat, &tokens, 0);
+        let first = &chat["content"][0];
+        assert_eq!(first["token"], "hé");
+        assert_eq!(first["logprob"], -0.5);
+        assert_eq!(first["bytes"], serde_json::json!([104, 195, 169]));
+        assert_eq!(first["top_logprobs"][1]["token"], "x");
+        assert_eq!(
+            chat["content"][1]["logprob"], LOGPROB_FLOOR,
+            "no -inf in JSON"
+        );
+        let cmpl = logprobs_json(Endpoint::Completions, &tokens, 10);
+        assert_eq!(cmpl["tokens"], serde_json::json!(["hé", "y"]));
+        assert_eq!(cmpl["token_logprobs"][0], -0.5);
+        assert_eq!(
+            cmpl["top_logprobs"][0]["x"], -1.0,
+            "the likelier of two 'x'"
+        );
+        assert_eq!(
+            cmpl["text_offset"],
+            serde_json::json!([10, 12]),
+            "in characters"
+        );
+    }
+
+    #[test]
     fn chunks_and_bodies_have_openai_fields() {
         let served = Served {
             id: "chatcmpl-1".into(),
@@ -558,22 +848,51 @@ mod tests {
                 expert: "expert-01".into(),
             }),
         };
-        let b = completion_body(Endpoint::Chat, &served, "hey", "stop", Usage::new(3, 2));
+        let choices = [
+            ChoiceOut {
+                text: "hey".into(),
+                finish: "stop",
+                logprobs: None,
+            },
+            ChoiceOut {
+                text: "ho".into(),
+                finish: "length",
+                logprobs: Some(vec![token(1, "ho", -0.25, &[])]),
+            },
+        ];
+        let b = completion_body(Endpoint::Chat, &served, &choices, Usage::new(3, 2));
         assert_eq!(b["choices"][0]["message"]["content"], "hey");
+        assert_eq!(b["choices"][0]["logprobs"], Value::Null);
+        assert_eq!(b["choices"][1]["index"], 1);
+        assert_eq!(b["choices"][1]["logprobs"]["content"][0]["logprob"], -0.25);
         assert_eq!(b["usage"]["total_tokens"], 5);
         assert_eq!(b["meswitch_route"]["confidence"], 0.75);
-        let c = chunk_body(Endpoint::Chat, &served, Some("a"), true, None);
+        let c = chunk_body(
+            Endpoint::Chat,
+            &served,
+            ChunkChoice {
+                index: 2,
+                role: true,
+                text: Some("a"),
+                ..Default::default()
+            },
+        );
         assert_eq!(c["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(c["choices"][0]["index"], 2);
         assert_eq!(c["object"], "chat.completion.chunk");
         assert!(c.get("usage").is_none());
         let last = chunk_body(
             Endpoint::Completions,
             &served,
-            None,
-            false,
-            Some(("length", Usage::new(1, 1))),
+            ChunkChoice {
+                finish: Some("length"),
+                ..Default::default()
+            },
         );
         assert_eq!(last["choices"][0]["finish_reason"], "length");
-        assert_eq!(last["usage"]["completion_tokens"], 1);
+        assert!(last.get("usage").is_none());
+        let u = usage_chunk(Endpoint::Completions, &served, Usage::new(1, 1));
+        assert_eq!(u["choices"], serde_json::json!([]));
+        assert_eq!(u["usage"]["completion_tokens"], 1);
     }
 }

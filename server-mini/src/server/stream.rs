@@ -2,9 +2,10 @@
 //! or Server-Sent Events.
 //!
 //! ```text
-//!   data: {"object":"chat.completion.chunk","choices":[{"delta":{"role":"assistant"}}],...}\n\n
-//!   data: {..."delta":{"content":"Hel"}...}\n\n
-//!   data: {..."delta":{},"finish_reason":"stop"}],"usage":{...}}\n\n
+//!   data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant"}}],...}\n\n
+//!   data: {..."choices":[{"index":0,"delta":{"content":"Hel"}}]...}\n\n
+//!   data: {..."choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n
+//!   data: {..."choices":[],"usage":{...}}\n\n          only with stream_options.include_usage
 //!   data: [DONE]\n\n
 //! ```
 //!
@@ -14,6 +15,7 @@
 //! closed connection, with the same effect.) [`Accounting`] dropped before the
 //! end counts a disconnect.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,8 +28,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::openai::{chunk_body, finish_reason, Endpoint, Served, Usage};
-use crate::engine::Event;
+use super::openai::{
+    chunk_body, finish_reason, logprobs_json, usage_chunk, ChunkChoice, Endpoint, Served, Usage,
+};
+use crate::engine::{Event, TokenLogprob};
 use crate::generate::StopReason;
 
 /// The last SSE event of every stream.
@@ -118,19 +122,23 @@ pub fn endpoint_path(e: Endpoint) -> &'static str {
     }
 }
 
-/// The end of a non-streaming generation.
+/// The end of one choice of a non-streaming generation.
 pub struct Collected {
     pub text: String,
     pub stop: StopReason,
     pub completion_tokens: usize,
+    pub logprobs: Vec<TokenLogprob>,
 }
 
-/// Reads events to the end (after `Started`). An engine-side failure is a 500.
+/// Reads one choice's events to the end (after `Started`). An engine-side
+/// failure is a 500; [`Accounting::on_done`] is the caller's (once for
+/// all choices).
 pub async fn collect(
     events: &mut UnboundedReceiver<Event>,
     acct: &mut Accounting,
 ) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     loop {
         match events.recv().await {
             Some(Event::Text(t)) => {
@@ -139,15 +147,16 @@ pub async fn collect(
                     text.push_str(&t);
                 }
             }
+            Some(Event::Logprob(l)) => logprobs.push(l),
             Some(Event::Done {
                 stop,
                 completion_tokens,
             }) => {
-                acct.on_done(completion_tokens);
                 return Ok(Collected {
                     text,
                     stop,
                     completion_tokens,
+                    logprobs,
                 });
             }
             Some(Event::Error(e)) => {
@@ -163,40 +172,162 @@ pub async fn collect(
     }
 }
 
-/// The SSE response body.
-pub struct SseBody {
+/// One choice of a streamed response: its engine events and what it has
+/// sent so far.
+struct ChoiceStream {
     events: UnboundedReceiver<Event>,
+    done: bool,
+    /// Logprobs of tokens whose text is not sent yet (held back for a stop
+    /// string): they go out with the next text, or with the finish.
+    logprobs: Vec<TokenLogprob>,
+    /// Characters of text whose tokens' logprobs were sent (completions'
+    /// `text_offset`).
+    logprob_chars: usize,
+}
+
+/// The SSE response body of `n` choices: chunks of each choice as they come,
+/// each carrying its index.
+///
+/// ```text
+///   (chat) a role chunk per choice, then text chunks of any choice in any order,
+///   a finish chunk per choice, [a usage chunk with "choices": []], [DONE]
+/// ```
+///
+/// Any choice failing ends the stream with an error event; the other
+/// receivers are dropped with it, so the engine frees every slot.
+pub struct SseBody {
+    choices: Vec<ChoiceStream>,
     served: Served,
     acct: Accounting,
-    /// The opening chunk (chat: the assistant role), sent before any text.
-    opening: Option<Bytes>,
+    /// `stream_options.include_usage`: a usage chunk before `[DONE]`.
+    include_usage: bool,
+    /// Frames ready to send before polling the engine (the openings, the end).
+    ready: VecDeque<Bytes>,
+    /// The choice polled first next time (round robin: no choice starves).
+    next: usize,
+    completion_tokens: usize,
     finished: bool,
 }
 
 impl SseBody {
-    pub fn new(events: UnboundedReceiver<Event>, served: Served, acct: Accounting) -> SseBody {
-        let opening = match acct.endpoint {
-            Endpoint::Chat => Some(sse_event(
-                &chunk_body(Endpoint::Chat, &served, Some(""), true, None).to_string(),
-            )),
-            Endpoint::Completions => None,
-        };
+    pub fn new(
+        events: Vec<UnboundedReceiver<Event>>,
+        served: Served,
+        acct: Accounting,
+        include_usage: bool,
+    ) -> SseBody {
+        let mut ready = VecDeque::new();
+        if acct.endpoint == Endpoint::Chat {
+            for index in 0..events.len() {
+                let opening = ChunkChoice {
+                    index,
+                    role: true,
+                    text: Some(""),
+                    ..Default::default()
+                };
+                ready.push_back(sse_event(
+                    &chunk_body(Endpoint::Chat, &served, opening).to_string(),
+                ));
+            }
+        }
+        let choices = events
+            .into_iter()
+            .map(|events| ChoiceStream {
+                events,
+                done: false,
+                logprobs: Vec::new(),
+                logprob_chars: 0,
+            })
+            .collect();
         SseBody {
-            events,
+            choices,
             served,
             acct,
-            opening,
+            include_usage,
+            ready,
+            next: 0,
+            completion_tokens: 0,
             finished: false,
         }
     }
 
-    /// The final frames: an error event (if any) and `[DONE]`.
-    fn end(&mut self, last: Bytes) -> Frame<Bytes> {
+    /// Queues the last frames, `last` then `[DONE]`, and lets go of the
+    /// engine's channels.
+    fn end(&mut self, last: Option<Bytes>) {
         self.finished = true;
-        let mut b = Vec::with_capacity(last.len() + SSE_DONE.len());
-        b.extend_from_slice(&last);
-        b.extend_from_slice(SSE_DONE);
-        Frame::data(Bytes::from(b))
+        self.choices.clear();
+        self.ready.extend(last);
+        self.ready.push_back(Bytes::from_static(SSE_DONE));
+    }
+
+    fn fail(&mut self, why: ApiError) {
+        self.acct.on_failed();
+        self.end(Some(sse_event(&why.body_json())));
+    }
+
+    /// A chunk of choice `index`: `text` and the logprobs held for it.
+    fn chunk(&mut self, index: usize, text: Option<&str>, finish: Option<&str>) -> Bytes {
+        let endpoint = self.acct.endpoint;
+        let c = &mut self.choices[index];
+        let logprobs = (!c.logprobs.is_empty()).then(|| {
+            let tokens = std::mem::take(&mut c.logprobs);
+            let v = logprobs_json(endpoint, &tokens, c.logprob_chars);
+            c.logprob_chars += tokens
+                .iter()
+                .map(|t| t.sampled.text.chars().count())
+                .sum::<usize>();
+            v
+        });
+        let choice = ChunkChoice {
+            index,
+            role: false,
+            text,
+            logprobs,
+            finish,
+        };
+        sse_event(&chunk_body(endpoint, &self.served, choice).to_string())
+    }
+
+    /// One engine event of choice `index`: the frame it makes, if any.
+    fn on_event(&mut self, index: usize, event: Option<Event>) -> Option<Bytes> {
+        match event {
+            Some(Event::Text(t)) if t.is_empty() => None,
+            Some(Event::Text(t)) => {
+                self.acct.on_text();
+                Some(self.chunk(index, Some(&t), None))
+            }
+            Some(Event::Logprob(l)) => {
+                self.choices[index].logprobs.push(l);
+                None
+            }
+            Some(Event::Started { .. }) => None,
+            Some(Event::Done {
+                stop,
+                completion_tokens,
+            }) => {
+                self.completion_tokens += completion_tokens;
+                self.choices[index].done = true;
+                let frame = self.chunk(index, None, Some(finish_reason(stop)));
+                if self.choices.iter().all(|c| c.done) {
+                    self.acct.on_done(self.completion_tokens);
+                    let usage = self.include_usage.then(|| {
+                        let usage = Usage::new(self.acct.prompt_tokens, self.completion_tokens);
+                        let endpoint = self.acct.endpoint;
+                        sse_event(&usage_chunk(endpoint, &self.served, usage).to_string())
+                    });
+                    self.end(usage);
+                }
+                Some(frame)
+            }
+            Some(Event::Error(e)) => {
+                self.fail(ApiError::internal(format!("generation failed: {e}")));
+                None
+            }
+            None => {
+                self.fail(ApiError::internal("the engine dropped the request"));
+                None
+            }
+        }
     }
 }
 
@@ -209,142 +340,200 @@ impl Body for SseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = &mut *self;
-        if let Some(o) = this.opening.take() {
-            return Poll::Ready(Some(Ok(Frame::data(o))));
-        }
-        if this.finished {
-            return Poll::Ready(None);
-        }
         loop {
-            let event = match this.events.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(e) => e,
+            if let Some(b) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            let n = this.choices.len();
+            let polled = (0..n).map(|k| (this.next + k) % n).find_map(|i| {
+                if this.choices[i].done {
+                    return None;
+                }
+                match this.choices[i].events.poll_recv(cx) {
+                    Poll::Pending => None,
+                    Poll::Ready(e) => Some((i, e)),
+                }
+            });
+            let Some((i, event)) = polled else {
+                return Poll::Pending;
             };
-            let endpoint = this.acct.endpoint;
-            let frame = match event {
-                Some(Event::Text(t)) if t.is_empty() => continue,
-                Some(Event::Text(t)) => {
-                    this.acct.on_text();
-                    let c = chunk_body(endpoint, &this.served, Some(&t), false, None);
-                    Frame::data(sse_event(&c.to_string()))
-                }
-                Some(Event::Started { .. }) => continue,
-                Some(Event::Done {
-                    stop,
-                    completion_tokens,
-                }) => {
-                    this.acct.on_done(completion_tokens);
-                    let usage = Usage::new(this.acct.prompt_tokens, completion_tokens);
-                    let c = chunk_body(
-                        endpoint,
-                        &this.served,
-                        None,
-                        false,
-                        Some((finish_reason(stop), usage)),
-                    );
-                    this.end(sse_event(&c.to_string()))
-                }
-                Some(Event::Error(e)) => {
-                    this.acct.on_failed();
-                    let err = ApiError::internal(format!("generation failed: {e}"));
-                    this.end(sse_event(&err.body_json()))
-                }
-                None => {
-                    this.acct.on_failed();
-                    let err = ApiError::internal("the engine dropped the request");
-                    this.end(sse_event(&err.body_json()))
-                }
-            };
-            return Poll::Ready(Some(Ok(frame)));
+            this.next = (i + 1) % n;
+            if let Some(b) = this.on_event(i, event) {
+                // Before any `end` frames `on_event` queued.
+                this.ready.push_front(b);
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished && self.opening.is_none()
+        self.finished && self.ready.is_empty()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Candidate;
     use http_body_util::BodyExt;
+    use serde_json::Value;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
-    #[tokio::test]
-    async fn stream_ends_with_usage_and_done() {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let served = Served {
+    fn served() -> Served {
+        Served {
             id: "chatcmpl-1".into(),
             created: 0,
             model: "expert-00".into(),
             route: None,
-        };
-        let metrics = Arc::new(Metrics::default());
-        let acct = Accounting::new(
+        }
+    }
+
+    fn acct(metrics: &Arc<Metrics>, endpoint: Endpoint) -> Accounting {
+        Accounting::new(
             metrics.clone(),
-            Endpoint::Chat,
+            endpoint,
             Instant::now(),
             "expert-00".into(),
             3,
-        );
-        tx.send(Event::Text("he".into())).unwrap();
-        tx.send(Event::Text("".into())).unwrap();
-        tx.send(Event::Text("y".into())).unwrap();
-        tx.send(Event::Done {
-            stop: StopReason::MaxTokens,
-            completion_tokens: 2,
-        })
-        .unwrap();
-        let body = SseBody::new(rx, served, acct)
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes();
+        )
+    }
+
+    fn channels(n: usize) -> (Vec<UnboundedSender<Event>>, Vec<UnboundedReceiver<Event>>) {
+        (0..n).map(|_| unbounded_channel()).unzip()
+    }
+
+    /// The `data:` payloads of a whole body, `[DONE]` checked and dropped.
+    async fn chunks(body: SseBody) -> Vec<Value> {
+        let body = body.collect().await.unwrap().to_bytes();
         let text = String::from_utf8(body.to_vec()).unwrap();
         let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
-        assert_eq!(events.len(), 5, "{text}");
-        assert!(events.iter().all(|e| e.starts_with("data: ")));
+        assert!(events.iter().all(|e| e.starts_with("data: ")), "{text}");
         assert_eq!(*events.last().unwrap(), "data: [DONE]");
-        let last: serde_json::Value = serde_json::from_str(&events[3][6..]).unwrap();
-        assert_eq!(last["choices"][0]["finish_reason"], "length");
-        assert_eq!(last["usage"]["total_tokens"], 5);
-        let content: String = events[1..3]
+        events[..events.len() - 1]
             .iter()
-            .map(|e| {
-                serde_json::from_str::<serde_json::Value>(&e[6..]).unwrap()["choices"][0]["delta"]
-                    ["content"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
+            .map(|e| serde_json::from_str(&e[6..]).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn stream_ends_with_finish_and_done_and_usage_only_when_asked() {
+        for include_usage in [false, true] {
+            let (tx, rx) = channels(1);
+            let metrics = Arc::new(Metrics::default());
+            for t in ["he", "", "y"] {
+                tx[0].send(Event::Text(t.into())).unwrap();
+            }
+            tx[0]
+                .send(Event::Done {
+                    stop: StopReason::MaxTokens,
+                    completion_tokens: 2,
+                })
+                .unwrap();
+            let body = SseBody::new(rx, served(), acct(&metrics, Endpoint::Chat), include_usage);
+            let chunks = chunks(body).await;
+            assert_eq!(chunks.len(), 4 + include_usage as usize);
+            assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+            let content: String = chunks[1..3]
+                .iter()
+                .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
+                .collect();
+            assert_eq!(content, "hey");
+            assert_eq!(chunks[3]["choices"][0]["finish_reason"], "length");
+            assert!(chunks[..4].iter().all(|c| c.get("usage").is_none()));
+            if include_usage {
+                assert_eq!(chunks[4]["choices"], serde_json::json!([]));
+                assert_eq!(chunks[4]["usage"]["total_tokens"], 5);
+            }
+            assert_eq!(metrics.time_to_first_token.count(), 1);
+            assert_eq!(metrics.inter_token.count(), 1);
+            assert_eq!(metrics.completion_tokens.get(&["expert-00"]), 2);
+            assert_eq!(metrics.disconnects.get(&["/v1/chat/completions"]), 0);
+        }
+    }
+
+    fn logprob(text: &str) -> TokenLogprob {
+        TokenLogprob {
+            sampled: Candidate {
+                id: 1,
+                text: text.into(),
+                logprob: -1.0,
+            },
+            top: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn choices_interleave_with_their_index_and_usage_sums_them() {
+        let (tx, rx) = channels(2);
+        let metrics = Arc::new(Metrics::default());
+        // Choice 1's logprob is held until its text, which comes at its end.
+        tx[1].send(Event::Logprob(logprob("ab"))).unwrap();
+        tx[0].send(Event::Logprob(logprob("x"))).unwrap();
+        tx[0].send(Event::Text("x".into())).unwrap();
+        tx[1].send(Event::Logprob(logprob("c"))).unwrap();
+        tx[1].send(Event::Text("abc".into())).unwrap();
+        for (t, n) in tx.iter().zip([1, 2]) {
+            t.send(Event::Done {
+                stop: StopReason::Eos,
+                completion_tokens: n,
             })
-            .collect();
-        assert_eq!(content, "hey");
-        assert_eq!(metrics.time_to_first_token.count(), 1);
-        assert_eq!(metrics.inter_token.count(), 1);
-        assert_eq!(metrics.completion_tokens.get(&["expert-00"]), 2);
+            .unwrap();
+        }
+        let body = SseBody::new(rx, served(), acct(&metrics, Endpoint::Completions), true);
+        let chunks = chunks(body).await;
+        let usage = chunks.last().unwrap();
+        assert_eq!(usage["usage"]["prompt_tokens"], 3, "counted once");
+        assert_eq!(usage["usage"]["completion_tokens"], 3);
+        let of = |i: u64| -> Vec<&Value> {
+            chunks
+                .iter()
+                .filter(|c| c["choices"][0]["index"].as_u64() == Some(i))
+                .map(|c| &c["choices"][0])
+                .collect()
+        };
+        for (i, text, tokens) in [(0, "x", vec!["x"]), (1, "abc", vec!["ab", "c"])] {
+            let choice = of(i);
+            let joined: String = choice.iter().filter_map(|c| c["text"].as_str()).collect();
+            assert_eq!(joined, text);
+            let sent: Vec<&str> = choice
+                .iter()
+                .filter_map(|c| c["logprobs"]["tokens"].as_array())
+                .flatten()
+                .map(|t| t.as_str().unwrap())
+                .collect();
+            assert_eq!(sent, tokens);
+            assert_eq!(choice.last().unwrap()["finish_reason"], "stop");
+        }
+        let offsets = &of(1)[0]["logprobs"]["text_offset"];
+        assert_eq!(*offsets, serde_json::json!([0, 2]));
+        assert_eq!(metrics.completion_tokens.get(&["expert-00"]), 3);
+    }
+
+    #[tokio::test]
+    async fn one_failing_choice_ends_the_stream_and_drops_every_receiver() {
+        let (tx, rx) = channels(3);
+        let metrics = Arc::new(Metrics::default());
+        tx[1].send(Event::Error("boom".into())).unwrap();
+        let body = SseBody::new(rx, served(), acct(&metrics, Endpoint::Chat), false);
+        let chunks = chunks(body).await;
+        assert!(chunks.last().unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("boom"));
+        assert!(tx.iter().all(|t| t.is_closed()), "every slot is freed");
         assert_eq!(metrics.disconnects.get(&["/v1/chat/completions"]), 0);
     }
 
     #[tokio::test]
-    async fn dropping_the_body_closes_the_receiver_and_counts_a_disconnect() {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    async fn dropping_the_body_closes_the_receivers_and_counts_a_disconnect() {
+        let (tx, rx) = channels(2);
         let metrics = Arc::new(Metrics::default());
-        let served = Served {
-            id: "x".into(),
-            created: 0,
-            model: "m".into(),
-            route: None,
-        };
-        let acct = Accounting::new(
-            metrics.clone(),
-            Endpoint::Completions,
-            Instant::now(),
-            "m".into(),
-            1,
-        );
-        let body = SseBody::new(rx, served, acct);
-        tx.send(Event::Text("a".into())).unwrap();
+        let body = SseBody::new(rx, served(), acct(&metrics, Endpoint::Completions), false);
+        tx[0].send(Event::Text("a".into())).unwrap();
         drop(body);
-        assert!(tx.is_closed());
+        assert!(tx.iter().all(|t| t.is_closed()));
         assert_eq!(metrics.disconnects.get(&["/v1/completions"]), 1);
     }
 }

@@ -1,5 +1,6 @@
 //! A tiny synthetic family (base + experts compressed to INT2) in a
-//! tempdir, and helpers to drain an engine request's events.
+//! tempdir, an engine started on it ([`EngineStart`]: one place for
+//! `Engine::start`'s arguments), and helpers to drain a request's events.
 
 #![allow(dead_code)] // each test binary uses a part
 
@@ -9,10 +10,15 @@ use std::time::{Duration, Instant};
 use meswitch_reference::{Bits, SalientSpec};
 use meswitch_server::checkpoint::{Checkpoint, FloatDtype};
 use meswitch_server::compress::{compress_expert, CompressOptions, Fit};
-use meswitch_server::engine::{Event, ExpertSource, RequestHandle};
+use meswitch_server::engine::{
+    Engine, EngineConfig, EngineError, Event, ExpertChoice, ExpertSource, GenRequest,
+    RequestHandle, Router, TokenLogprob,
+};
 use meswitch_server::generate::StopReason;
-use meswitch_server::model::{load_cpu, LoadedModel};
+use meswitch_server::model::{load_cpu, Backend, CpuBackend, LoadedModel};
+use meswitch_server::sampling::SamplingParams;
 use meswitch_server::synth::{write_family, SynthSettings, SynthShape};
+use meswitch_server::tokenizer::Tokenizer;
 
 pub struct Family {
     _dir: tempfile::TempDir,
@@ -23,6 +29,80 @@ pub struct Family {
 impl Family {
     pub fn model(&self) -> LoadedModel {
         load_cpu(&self.base).expect("the synthetic base loads")
+    }
+
+    /// `Engine::start`'s arguments on this family's CPU model: all its
+    /// experts, no eos ids, no router, the default config. Tests change
+    /// what they need with struct update syntax.
+    pub fn engine_start(&self) -> EngineStart<CpuBackend> {
+        let model = self.model();
+        EngineStart {
+            backend: model.backend,
+            tokenizer: model.tokenizer,
+            eos: Vec::new(),
+            experts: self.experts.clone(),
+            router: None,
+            config: EngineConfig::default(),
+        }
+    }
+
+    /// An engine on this family with `config` (else as [`Family::engine_start`]).
+    pub fn start_engine(&self, config: EngineConfig) -> Engine {
+        EngineStart {
+            config,
+            ..self.engine_start()
+        }
+        .start()
+        .expect("the engine starts")
+    }
+}
+
+/// Everything `Engine::start` takes.
+pub struct EngineStart<B: Backend> {
+    pub backend: B,
+    pub tokenizer: Tokenizer,
+    pub eos: Vec<u32>,
+    pub experts: Vec<ExpertSource>,
+    pub router: Option<Box<dyn Router<B>>>,
+    pub config: EngineConfig,
+}
+
+impl<B: Backend + Send + 'static> EngineStart<B> {
+    pub fn start(self) -> Result<Engine, EngineError> {
+        Engine::start(
+            self.backend,
+            Box::new(self.tokenizer),
+            self.eos,
+            self.experts,
+            self.router,
+            self.config,
+        )
+    }
+
+    /// The same start on a backend made from this one (a wrapper); the
+    /// router, written for `B`, is left out.
+    pub fn on<C: Backend>(self, wrap: impl FnOnce(B) -> C) -> EngineStart<C> {
+        EngineStart {
+            backend: wrap(self.backend),
+            tokenizer: self.tokenizer,
+            eos: self.eos,
+            experts: self.experts,
+            router: None,
+            config: self.config,
+        }
+    }
+}
+
+/// A greedy request without logprobs.
+pub fn greedy(prompt: Vec<u32>, choice: ExpertChoice, max_tokens: usize) -> GenRequest {
+    GenRequest {
+        prompt,
+        choice,
+        params: SamplingParams {
+            max_tokens,
+            ..Default::default()
+        },
+        logprobs: None,
     }
 }
 
@@ -82,6 +162,7 @@ pub struct Outcome {
     pub stop: Option<StopReason>,
     pub completion_tokens: usize,
     pub error: Option<String>,
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Longest a test waits for one event.
@@ -123,6 +204,10 @@ pub fn collect(h: &mut RequestHandle) -> Outcome {
             Event::Text(t) => {
                 assert!(started, "Text before Started");
                 out.text.push_str(&t);
+            }
+            Event::Logprob(l) => {
+                assert!(started, "Logprob before Started");
+                out.logprobs.push(l);
             }
             Event::Done {
                 stop,
