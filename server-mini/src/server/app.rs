@@ -22,8 +22,9 @@ use serde_json::{json, Value};
 use super::admin::AdminConfig;
 use super::error::ApiError;
 use super::metrics::{self, Metrics};
-use super::openai::{self, ChoiceOut, Endpoint, RouteInfo, Served, Usage};
+use super::openai::{self, Endpoint};
 use super::prompt::Prompter;
+use super::responses::{self, ChoiceOut, RouteInfo, Served, Usage};
 use super::stream::{self, Accounting, SseBody};
 use crate::engine::{Engine, Event, ExpertChoice, GenRequest, SubmitError, Tier};
 use crate::sampling::SamplingParams;
@@ -410,13 +411,13 @@ async fn generate(
             completion_tokens += done.completion_tokens;
             choices.push(ChoiceOut {
                 text: done.text,
-                finish: openai::finish_reason(done.stop),
+                finish: responses::finish_reason(done.stop),
                 logprobs: r.logprobs.is_some().then_some(done.logprobs),
             });
         }
         acct.on_done(completion_tokens);
         let usage = Usage::new(prompt_tokens, completion_tokens);
-        let body = openai::completion_body(endpoint, &served, &choices, usage);
+        let body = responses::completion_body(endpoint, &served, &choices, usage);
         json_response(StatusCode::OK, &body)
     };
     let h = response.headers_mut();

@@ -1,7 +1,7 @@
 //! The HTTP server: OpenAI-compatible generation over the [`crate::engine`],
 //! with routing, metrics and admin endpoints, on hyper 1 + tokio.
 //!
-//! - [`app`]: routes and handlers; [`openai`]: request parsing and response bodies;
+//! - [`app`]: routes and handlers; [`openai`]: request parsing; [`responses`]: response bodies;
 //!   [`stream`]: SSE; [`error`]: OpenAI-style errors; [`metrics`]: Prometheus text.
 //! - [`admin`]: bearer token and the models-folder confinement of admin loads.
 //! - [`policy`]: domain → expert routing over a classifier of hidden states.
@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod prompt;
+pub mod responses;
 pub mod serving;
 pub mod stream;
 

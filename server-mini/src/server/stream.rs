@@ -28,8 +28,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::openai::{
-    chunk_body, finish_reason, logprobs_json, usage_chunk, ChunkChoice, Endpoint, Served, Usage,
+use super::openai::Endpoint;
+use super::responses::{
+    chunk_body, finish_reason, logprobs_json, usage_chunk, ChunkChoice, Served, Usage,
 };
 use crate::engine::{Event, TokenLogprob};
 use crate::generate::StopReason;
