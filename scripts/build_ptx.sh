@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.cuda-venv"
 WHEELS=(nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79 nvidia-cuda-nvcc-cu12==12.9.86)
-KERNELS=(multi_expert_gemv delta_gemv dequantize norm rope activation attention)
+KERNELS=(multi_expert_gemv delta_gemv multi_expert_gemv_wide delta_gemv_wide dequantize norm rope activation attention)
 ARCHS=(80 86 89 90)
 
 check=0

@@ -72,6 +72,13 @@ typedef unsigned long long uint64_t;
  * registers, and registers bound how many warps an SM holds. A launch of
  * batch B uses the smallest variant with TILES x 8 >= B. */
 #define MESWITCH_GEMV_MAX_TILES (MESWITCH_MAX_BATCH / MESWITCH_GEMV_BATCH_TILE)
+/* Wide GEMV variant (kernels/gemv_wide.cuh, modules *_gemv_wide): a delta item
+ * is MESWITCH_WIDE_LANE_CODE_BYTES of codes per lane and row for each of the
+ * MESWITCH_WIDE_LANES_PER_ROW lanes of a row, i.e. 128/256/512 input columns
+ * for 4/2/1 bits; it requires in_features % (512 / bits) == 0. Same launch
+ * shape and parameters as the 128-column kernels. */
+#define MESWITCH_WIDE_LANE_CODE_BYTES 16u
+#define MESWITCH_WIDE_LANES_PER_ROW 4u
 
 /* ---- dequantize tiling ---------------------------------------------------- */
 
@@ -237,6 +244,8 @@ typedef struct MeswitchAttentionParams {
  * Module "multi_expert_gemv": meswitch_multi_expert_gemv_b{1,2,4}_g{32,64,128,row}
  * Module "delta_gemv":        meswitch_delta_gemv_b{1,2,4}_g{32,64,128,row}
  * Module "dequantize":        meswitch_dequantize_b{1,2,4}
+ * Modules "multi_expert_gemv_wide", "delta_gemv_wide": as the two above with
+ *                             "_wide" after "gemv" (wide delta items)
  * Module "norm":              meswitch_rms_norm
  * Module "rope":              meswitch_rope
  * Module "activation":        meswitch_swiglu, meswitch_add_residual, meswitch_embed
@@ -251,6 +260,8 @@ typedef struct MeswitchAttentionParams {
 #define MESWITCH_DEQUANT_NAME(bits) "meswitch_dequantize_b" MESWITCH_STR(bits)
 #define MESWITCH_MODULE_MULTI_EXPERT_GEMV "multi_expert_gemv"
 #define MESWITCH_MODULE_DELTA_GEMV "delta_gemv"
+#define MESWITCH_MODULE_MULTI_EXPERT_GEMV_WIDE "multi_expert_gemv_wide"
+#define MESWITCH_MODULE_DELTA_GEMV_WIDE "delta_gemv_wide"
 #define MESWITCH_MODULE_DEQUANTIZE "dequantize"
 #define MESWITCH_MODULE_NORM "norm"
 #define MESWITCH_MODULE_ROPE "rope"

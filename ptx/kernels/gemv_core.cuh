@@ -113,7 +113,12 @@ __device__ __forceinline__ uint32_t meswitch_pack_half2(__half lo, __half hi) {
     return (uint32_t)__half_as_ushort(lo) | ((uint32_t)__half_as_ushort(hi) << 16);
 }
 
-template <int BITS, uint32_t GROUP, bool WITH_BASE, uint32_t TILES>
+// The wide variant's delta items (uses the helpers above).
+#include "gemv_wide.cuh"
+
+// WIDE: the delta items of gemv_wide.cuh (16 code bytes per lane and row)
+// instead of the 128-column items below; everything else is shared.
+template <int BITS, uint32_t GROUP, bool WITH_BASE, uint32_t TILES, bool WIDE>
 __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) {
     // Partial sums of each warp: [warp][tile row 0..15][batch row 0..63].
     __shared__ float s_part[MESWITCH_GEMV_WARPS][MESWITCH_GEMV_ROWS_PER_BLOCK][TILES * MESWITCH_GEMV_BATCH_TILE];
@@ -217,6 +222,10 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
     // chunk, dealt to the warps round-robin so that a batch of many experts
     // keeps every warp as busy as one expert does; all warps' partial sums
     // are added in the epilogue, so any warp may take any item.
+    if constexpr (WIDE) {
+        meswitch_wide_delta_items<BITS, GROUP, TILES>(acc, s_delta, s_rows, n_active, warp, g, t, r_lo, r_hi,
+                                                      n_tiles, batch, in, x);
+    } else {
     const uint32_t n_items = n_active * n_chunks;
     for (uint32_t first = warp; first < n_items;
          first += MESWITCH_GEMV_WARPS * MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)) {
@@ -285,6 +294,7 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
             }
         }
     }
+    }  // WIDE
 
     // ---- salient residual columns: per expert a dense [16 rows x k] FP16
     // tile S times x gathered at the k salient columns, as mma items of 16
@@ -370,22 +380,27 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
 // One extern "C" entry point per (bits, group, n-tiles) variant. At most 128
 // registers a thread (2 blocks of MESWITCH_GEMV_THREADS per SM); ptxas fails the
 // build on a spill (scripts/build_ptx.sh).
-#define MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, tiles)                      \
+#define MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, tiles, wide)                \
     extern "C" __global__ void __launch_bounds__(MESWITCH_GEMV_THREADS, 2)                       \
         prefix##bits##_g##gname##_t##tiles(const MeswitchGemvParams p) {                         \
-        meswitch_gemv_core<bits, group, with_base, tiles>(p);                                   \
+        meswitch_gemv_core<bits, group, with_base, tiles, wide>(p);                             \
     }
 
-#define MESWITCH_GEMV_ALL_TILES(prefix, bits, gname, group, with_base) \
-    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 1)      \
-    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 2)      \
-    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 4)      \
-    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 8)
+#define MESWITCH_GEMV_ALL_TILES(prefix, bits, gname, group, with_base, wide) \
+    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 1, wide)      \
+    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 2, wide)      \
+    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 4, wide)      \
+    MESWITCH_GEMV_ENTRY(prefix, bits, gname, group, with_base, 8, wide)
 
-#define MESWITCH_GEMV_ALL_GROUPS(prefix, bits, with_base)                 \
-    MESWITCH_GEMV_ALL_TILES(prefix, bits, 32, MESWITCH_GROUP_32, with_base)   \
-    MESWITCH_GEMV_ALL_TILES(prefix, bits, 64, MESWITCH_GROUP_64, with_base)   \
-    MESWITCH_GEMV_ALL_TILES(prefix, bits, 128, MESWITCH_GROUP_128, with_base) \
-    MESWITCH_GEMV_ALL_TILES(prefix, bits, row, MESWITCH_GROUP_ROW, with_base)
+// wide = false: the 128-column delta items; true: gemv_wide.cuh's.
+#define MESWITCH_GEMV_ALL_GROUPS_OF(prefix, bits, with_base, wide)               \
+    MESWITCH_GEMV_ALL_TILES(prefix, bits, 32, MESWITCH_GROUP_32, with_base, wide)   \
+    MESWITCH_GEMV_ALL_TILES(prefix, bits, 64, MESWITCH_GROUP_64, with_base, wide)   \
+    MESWITCH_GEMV_ALL_TILES(prefix, bits, 128, MESWITCH_GROUP_128, with_base, wide) \
+    MESWITCH_GEMV_ALL_TILES(prefix, bits, row, MESWITCH_GROUP_ROW, with_base, wide)
+
+#define MESWITCH_GEMV_ALL_GROUPS(prefix, bits, with_base) MESWITCH_GEMV_ALL_GROUPS_OF(prefix, bits, with_base, false)
+#define MESWITCH_GEMV_WIDE_ALL_GROUPS(prefix, bits, with_base) \
+    MESWITCH_GEMV_ALL_GROUPS_OF(prefix, bits, with_base, true)
 
 #endif  // MESWITCH_GEMV_CORE_CUH

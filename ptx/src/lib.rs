@@ -53,6 +53,24 @@ pub const DELTA_GEMV: KernelModule = KernelModule {
     ptx: include_str!("../ptx/delta_gemv.ptx"),
 };
 
+/// Module of the fused decode GEMV with wide delta items (16 code bytes per
+/// lane and row: 128/256/512-column items for INT4/INT2/INT1, see
+/// `kernels/gemv_wide.cuh`); entry points
+/// `meswitch_multi_expert_gemv_wide_b{1,2,4}_g{32,64,128,row}_t{1,2,4,8}`.
+/// Unverified on a GPU.
+pub const MULTI_EXPERT_GEMV_WIDE: KernelModule = KernelModule {
+    name: "multi_expert_gemv_wide",
+    ptx: include_str!("../ptx/multi_expert_gemv_wide.ptx"),
+};
+
+/// Module of the delta-only GEMV with wide delta items; entry points
+/// `meswitch_delta_gemv_wide_b{1,2,4}_g{32,64,128,row}_t{1,2,4,8}`.
+/// Unverified on a GPU.
+pub const DELTA_GEMV_WIDE: KernelModule = KernelModule {
+    name: "delta_gemv_wide",
+    ptx: include_str!("../ptx/delta_gemv_wide.ptx"),
+};
+
 /// Module of the dense dequantization (Δ̂ or W_base + Δ̂); entry points
 /// `meswitch_dequantize_b{1,2,4}`.
 pub const DEQUANTIZE: KernelModule = KernelModule {
@@ -91,6 +109,8 @@ pub const ATTENTION: KernelModule = KernelModule {
 pub const MODULES: &[KernelModule] = &[
     MULTI_EXPERT_GEMV,
     DELTA_GEMV,
+    MULTI_EXPERT_GEMV_WIDE,
+    DELTA_GEMV_WIDE,
     DEQUANTIZE,
     NORM,
     ROPE,
@@ -138,6 +158,51 @@ pub fn multi_expert_gemv_entry(bits: u32, group_size: usize, in_features: usize)
 /// Entry point of the delta-only GEMV, e.g. `meswitch_delta_gemv_b2_grow`.
 pub fn delta_gemv_entry(bits: u32, group_size: usize, in_features: usize) -> Option<String> {
     gemv_entry("meswitch_delta_gemv_b", bits, group_size, in_features)
+}
+
+/// Input columns of one wide GEMV item: 16 code bytes for each of the 4 lanes
+/// of a row, i.e. 128, 256 or 512 columns for 4, 2 or 1 bits (`None` for
+/// other widths).
+pub fn gemv_wide_item_columns(bits: u32) -> Option<usize> {
+    matches!(bits, 1 | 2 | 4).then(|| {
+        (abi::MESWITCH_WIDE_LANES_PER_ROW * abi::MESWITCH_WIDE_LANE_CODE_BYTES * 8 / bits) as usize
+    })
+}
+
+/// True when the wide GEMV kernels accept this input width for `bits`-bit
+/// codes: whole items ([`gemv_wide_item_columns`]). Other widths go to the
+/// 128-column kernels.
+pub fn gemv_wide_supports_in_features(in_features: usize, bits: u32) -> bool {
+    gemv_wide_item_columns(bits).is_some_and(|item| in_features > 0 && in_features % item == 0)
+}
+
+/// Entry point family of the fused GEMV with wide delta items, e.g.
+/// `meswitch_multi_expert_gemv_wide_b2_g128`; `None` when no such variant
+/// exists or the input width is not whole wide items.
+pub fn multi_expert_gemv_wide_entry(
+    bits: u32,
+    group_size: usize,
+    in_features: usize,
+) -> Option<String> {
+    gemv_wide_supports_in_features(in_features, bits)
+        .then(|| {
+            gemv_entry(
+                "meswitch_multi_expert_gemv_wide_b",
+                bits,
+                group_size,
+                in_features,
+            )
+        })
+        .flatten()
+}
+
+/// Entry point family of the delta-only GEMV with wide delta items, e.g.
+/// `meswitch_delta_gemv_wide_b1_grow`; `None` as for
+/// [`multi_expert_gemv_wide_entry`].
+pub fn delta_gemv_wide_entry(bits: u32, group_size: usize, in_features: usize) -> Option<String> {
+    gemv_wide_supports_in_features(in_features, bits)
+        .then(|| gemv_entry("meswitch_delta_gemv_wide_b", bits, group_size, in_features))
+        .flatten()
 }
 
 /// Entry point of the dequantize kernel, e.g. `meswitch_dequantize_b1`.

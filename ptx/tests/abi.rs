@@ -4,9 +4,10 @@
 
 use meswitch_ptx::abi::*;
 use meswitch_ptx::{
-    delta_gemv_entry, dequantize_entry, dequantize_launch_dims, gemv_batch_tiles,
-    gemv_entry_for_batch, gemv_launch_dims, gemv_supports_in_features, multi_expert_gemv_entry,
-    MODULES,
+    delta_gemv_entry, delta_gemv_wide_entry, dequantize_entry, dequantize_launch_dims,
+    gemv_batch_tiles, gemv_entry_for_batch, gemv_launch_dims, gemv_supports_in_features,
+    gemv_wide_item_columns, gemv_wide_supports_in_features, multi_expert_gemv_entry,
+    multi_expert_gemv_wide_entry, MODULES,
 };
 use meswitch_reference::layout::{Bits, GROUP_SIZES};
 
@@ -80,6 +81,8 @@ fn every_entry_point_is_in_its_module() {
     let header_names = [
         c_str(MESWITCH_MODULE_MULTI_EXPERT_GEMV),
         c_str(MESWITCH_MODULE_DELTA_GEMV),
+        c_str(MESWITCH_MODULE_MULTI_EXPERT_GEMV_WIDE),
+        c_str(MESWITCH_MODULE_DELTA_GEMV_WIDE),
         c_str(MESWITCH_MODULE_DEQUANTIZE),
         c_str(MESWITCH_MODULE_NORM),
         c_str(MESWITCH_MODULE_ROPE),
@@ -87,6 +90,55 @@ fn every_entry_point_is_in_its_module() {
         c_str(MESWITCH_MODULE_ATTENTION),
     ];
     assert_eq!(names, header_names);
+}
+
+/// Every wide entry point a supported (bits, group, width, batch) names is in
+/// the wide modules; widths that are not whole wide items have none.
+#[test]
+fn every_wide_entry_point_is_in_its_module() {
+    let module = |name: &str| MODULES.iter().find(|m| m.name == name).unwrap().ptx;
+    let has_entry = |ptx: &str, entry: &str| ptx.contains(&format!(".entry {entry}("));
+    for bits in [1, 2, 4] {
+        for (group, in_features) in [(32, 4096), (64, 14336), (128, 4096), (4096, 4096)] {
+            for batch in [1, 9, 17, 33] {
+                let family = multi_expert_gemv_wide_entry(bits, group, in_features).unwrap();
+                let e = gemv_entry_for_batch(&family, batch).unwrap();
+                assert!(has_entry(module("multi_expert_gemv_wide"), &e), "{e}");
+                assert!(!has_entry(module("multi_expert_gemv"), &e), "{e}");
+                let family = delta_gemv_wide_entry(bits, group, in_features).unwrap();
+                let e = gemv_entry_for_batch(&family, batch).unwrap();
+                assert!(has_entry(module("delta_gemv_wide"), &e), "{e}");
+            }
+        }
+    }
+    assert_eq!(
+        multi_expert_gemv_wide_entry(2, 128, 4096).as_deref(),
+        Some("meswitch_multi_expert_gemv_wide_b2_g128")
+    );
+    // 384 columns: whole 128-column items (INT4) but not 256 or 512.
+    assert!(multi_expert_gemv_wide_entry(4, 128, 384).is_some());
+    assert_eq!(multi_expert_gemv_wide_entry(2, 128, 384), None);
+    assert_eq!(delta_gemv_wide_entry(1, 128, 768), None);
+    assert!(delta_gemv_wide_entry(1, 128, 1024).is_some());
+    assert_eq!(multi_expert_gemv_wide_entry(3, 128, 4096), None);
+    assert_eq!(multi_expert_gemv_wide_entry(2, 96, 4096), None);
+}
+
+#[test]
+fn wide_items_are_sixteen_code_bytes_per_lane_row() {
+    for bits in [1u32, 2, 4] {
+        let item = gemv_wide_item_columns(bits).unwrap();
+        let lanes = MESWITCH_WIDE_LANES_PER_ROW as usize;
+        assert_eq!(item * bits as usize, lanes * 16 * 8);
+        // Whole 128-column chunks, so the base and salient passes (shared
+        // with the 128-column kernel) see the widths they require.
+        assert_eq!(item % MESWITCH_GEMV_K_CHUNK as usize, 0);
+        assert!(gemv_wide_supports_in_features(item * 3, bits));
+        assert!(!gemv_wide_supports_in_features(item * 3 + 128, bits) || bits == 4);
+        assert!(!gemv_wide_supports_in_features(0, bits));
+    }
+    assert_eq!(gemv_wide_item_columns(3), None);
+    assert!(!gemv_wide_supports_in_features(4096, 3));
 }
 
 #[test]

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Static SASS figures of the GEMV delta loop: the 128-column kernel against
+the wide one, per 128 input columns of one expert. Static, from SASS; not a
+timing: it counts instructions in the code, not instructions executed.
+
+usage: sass_gemv_report.py <nvdisasm> <classic.cubin> <wide.cubin> <entry suffix>...
+
+An entry suffix is e.g. `b2_g128_t1`; the entries compared are
+meswitch_multi_expert_gemv_<suffix> and meswitch_multi_expert_gemv_wide_<suffix>.
+
+The delta loop is found from the SASS alone: the loop (a backward branch and
+the instructions between its target and itself) with the most HFMA2 (the
+dequantization; the base and salient loops have none), taken at its
+outermost extent. Inner loops that contain HMMA (the wide kernel's rolled
+32-column sub-blocks, at 4 and 8 n-tiles) are weighted by their trip count,
+4/bits; other inner loops (the item-index carry) count once.
+
+Normalisation: a 128-column block of one expert against one n-tile of 8
+batch rows is 8 mma.m16n8k16 (HMMA.16816), whatever the kernel, so the
+figures are "per 8·TILES HMMA" = per 128 columns of one expert with every
+n-tile holding a row of it (both kernels' worst case per item).
+"""
+import re
+import subprocess
+import sys
+from collections import Counter
+
+INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+LABEL = re.compile(r"^(\.L_x_\d+):")
+TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+MMA_PER_128_COLUMNS_PER_TILE = 128 // 16
+
+
+def function_sass(nvdisasm, cubin, name):
+    text = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    lines, inside = [], False
+    for line in text.splitlines():
+        if line.startswith(".text."):
+            inside = line.startswith(f".text.{name}:")
+            continue
+        if inside:
+            lines.append(line)
+    if not lines:
+        sys.exit(f"{name}: not in {cubin}")
+    return lines
+
+
+def parse(lines):
+    """-> (instructions [(addr, opcode, line)], labels {name: addr})"""
+    insns, labels, pending = [], {}, []
+    for line in lines:
+        if m := LABEL.match(line.strip()):
+            pending.append(m.group(1))
+            continue
+        if m := INSN.search(line):
+            addr = int(m.group(1), 16)
+            for p in pending:
+                labels[p] = addr
+            pending = []
+            insns.append((addr, m.group(3), line))
+    return insns, labels
+
+
+def loops(insns, labels):
+    """Back edges as (head address, branch address)."""
+    out = []
+    for addr, op, line in insns:
+        if op.startswith("BRA") and (m := TARGET.search(line)):
+            head = labels.get(m.group(1))
+            if head is not None and head <= addr:
+                out.append((head, addr))
+    return out
+
+
+def in_range(insns, lo, hi):
+    return [i for i in insns if lo <= i[0] <= hi]
+
+
+def delta_loop_figures(insns, labels, trip):
+    all_loops = loops(insns, labels)
+    ops = lambda lo, hi: Counter(op.split(".")[0] for _, op, _ in in_range(insns, lo, hi))
+    best = max(all_loops, key=lambda l: (ops(*l)["HFMA2"], l[1] - l[0]))
+    lo, hi = best
+    # Outermost loop with the same dequantization work.
+    for l in all_loops:
+        if l[0] <= lo and l[1] >= hi and ops(*l)["HFMA2"] == ops(*best)["HFMA2"]:
+            lo, hi = min(lo, l[0]), max(hi, l[1])
+    weight = {}
+    for a, b in all_loops:
+        if lo <= a and b <= hi and (a, b) != (lo, hi) and ops(a, b)["HMMA"] > 0:
+            for addr, _, _ in in_range(insns, a, b):
+                weight[addr] = trip
+    total, count = 0, Counter()
+    for addr, op, _ in in_range(insns, lo, hi):
+        w = weight.get(addr, 1)
+        total += w
+        count[op.split(".")[0]] += w
+    return total, count
+
+
+def main():
+    nvdisasm, classic, wide, *suffixes = sys.argv[1:]
+    print("| entry (sm_90) | kernel | loop insts | HMMA | per 128 cols x expert: all | LDG+LD | LDS | LOP3 | HFMA2+HADD2 | other |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for sfx in suffixes:
+        bits = int(re.search(r"b(\d)", sfx).group(1))
+        tiles = int(re.search(r"_t(\d)", sfx).group(1))
+        for kernel, cubin, name, trip in [
+            ("128-column", classic, f"meswitch_multi_expert_gemv_{sfx}", 1),
+            ("wide", wide, f"meswitch_multi_expert_gemv_wide_{sfx}", 4 // bits),
+        ]:
+            insns, labels = parse(function_sass(nvdisasm, cubin, name))
+            total, count = delta_loop_figures(insns, labels, trip)
+            blocks = count["HMMA"] / (MMA_PER_128_COLUMNS_PER_TILE * tiles)
+            per = lambda n: n / blocks
+            # Generic LD: loads through a pointer read from shared memory
+            # (the 128-column kernel's scales), global in fact.
+            ldg, lds = count["LDG"] + count["LD"], count["LDS"]
+            lop, hf = count["LOP3"], count["HFMA2"] + count["HADD2"]
+            other = total - ldg - lds - lop - hf - count["HMMA"]
+            print(f"| `{sfx}` | {kernel} | {total} | {count['HMMA']} | {per(total):.0f} | "
+                  f"{per(ldg):.1f} | {per(lds):.1f} | {per(lop):.0f} | {per(hf):.0f} | {per(other):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
