@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use engine_support::{collect, family, greedy, next_event, EngineStart, Family, Outcome};
 use meswitch_server::engine::{
     Engine, EngineConfig, Event, ExpertChoice, GenRequest, RouteDecision, Router, SubmitError,
+    MAX_TOP_LOGPROBS,
 };
 use meswitch_server::generate::{generate, Generation};
 use meswitch_server::model::{Backend, CpuBackend, ExpertId, LogitsWanted, SeqStep};
@@ -299,6 +300,10 @@ fn bad_requests_are_refused_at_submit() {
         with(&|r| r.prompt.push(vocab)),
         SubmitError::InvalidParams(_)
     ));
+    assert!(matches!(
+        with(&|r| r.logprobs = Some(MAX_TOP_LOGPROBS + 1)),
+        SubmitError::InvalidParams(_)
+    ));
     // The engine still serves.
     let out = collect(&mut engine.submit(ok.clone()).unwrap());
     assert_eq!(out.completion_tokens, 10);
@@ -513,7 +518,7 @@ fn logprobs_are_the_log_softmax_of_the_backends_logits() {
     let engine = fam.start_engine(EngineConfig::default());
     let mut req = greedy(vec![9, 40, 41, 9], ExpertChoice::Named("e0".into()), 12);
     req.params.temperature = 0.9;
-    req.params.repetition_penalty = 1.5;
+    req.params.repetition_penalty = 3.0;
     req.params.top_k = 8;
     req.params.seed = 17;
     req.logprobs = Some(TOP);
