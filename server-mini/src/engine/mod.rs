@@ -5,6 +5,7 @@
 //! - `residency`: expert tiers (disk → host → device), budgets, LRU.
 //! - `worker`: the engine thread's loop (admission, one forward per step).
 //! - `shared`: the hand-off between threads, and the loader thread.
+//! - `logprobs`: per-token log-probabilities, for requests that ask.
 //!
 //! The engine thread owns the backend; other threads talk to it through a
 //! shared queue ([`Engine::submit`]), admin commands, and per-request event
