@@ -566,6 +566,114 @@ fn named_layer_edge_cases() {
     assert!(x[4..].iter().all(|v| v.is_nan()));
 }
 
+/// A sliding-window cache's cut: `shift_front` moves positions to the
+/// front of every layer's K and V (disjoint and overlapping ranges), and
+/// attention over a cut cache, addressed by absolute positions through
+/// `upload_windowed`, is bit-identical to attention over the uncut cache
+/// (the kernel walks the same keys in the same order, only the slots differ).
+#[test]
+fn cut_cache_moves_positions_and_attends_like_the_uncut_one() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let (n_layers, kv_dim, capacity) = (2, 4, 12);
+    let values =
+        |layer: usize, p: usize, c: usize| f16::from_f32((layer * 1000 + p * 10 + c) as f32);
+    let fill = |cache: &DeviceKv, len: usize| {
+        let rows: Vec<(usize, usize)> = (0..len).map(|p| (0, p)).collect();
+        let step = AttnRows::upload(gpu, &[cache], &rows).unwrap();
+        for layer in 0..n_layers {
+            let k: Vec<f16> = (0..len * kv_dim)
+                .map(|i| values(layer, i / kv_dim, i % kv_dim))
+                .collect();
+            let v: Vec<f16> = k.iter().map(|x| -*x).collect();
+            let (d_k, d_v) = (ops::upload(gpu, &k).unwrap(), ops::upload(gpu, &v).unwrap());
+            layers::kv_append_device(gpu, layer, &d_k, &d_v, &step).unwrap();
+        }
+    };
+    for (from, count) in [(7usize, 3usize), (2, 5), (0, 4)] {
+        let mut cache = DeviceKv::new(gpu, n_layers, kv_dim, capacity).unwrap();
+        fill(&cache, from + count);
+        cache.shift_front(gpu, from, count).unwrap();
+        for layer in 0..n_layers {
+            let (k, v) = cache.download_layer(gpu, layer).unwrap();
+            for slot in 0..count {
+                for c in 0..kv_dim {
+                    let want = values(layer, from + slot, c);
+                    assert_eq!(
+                        k[slot * kv_dim + c],
+                        want,
+                        "from {from} count {count} layer {layer} slot {slot}"
+                    );
+                    assert_eq!(v[slot * kv_dim + c], -want);
+                }
+            }
+        }
+    }
+    let layer_err = |e: OpsError| match e {
+        OpsError::Layer(l) => l,
+        other => panic!("expected a LayerError, got {other}"),
+    };
+    let mut cache = DeviceKv::new(gpu, n_layers, kv_dim, capacity).unwrap();
+    let err = cache.shift_front(gpu, 10, 3).unwrap_err();
+    assert!(matches!(
+        layer_err(err),
+        LayerError::ShiftRange {
+            from: 10,
+            end: 13,
+            capacity: 12
+        }
+    ));
+
+    // Attention at absolute position 11 under a window of 4 (sees 8..=11):
+    // the uncut cache holds 0..=11, the cut one holds 7..=11 from slot 0.
+    let shape = AttnShape {
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 4,
+        sliding_window: Some(4),
+    };
+    let mut rng = StdRng::seed_from_u64(5);
+    let uncut = DeviceKv::new(gpu, n_layers, kv_dim, capacity).unwrap();
+    fill(&uncut, 12);
+    fill(&cache, 12);
+    cache.shift_front(gpu, 7, 5).unwrap();
+    let q = ops::upload(gpu, &uniform_f16(&mut rng, shape.q_dim(), 1.0)).unwrap();
+    let attend = |kv: &DeviceKv, start: usize| {
+        let step = AttnRows::upload_windowed(gpu, &[kv], &[start], &[(0, 11)]).unwrap();
+        let mut out = ops::upload(gpu, &[POISON; 8]).unwrap();
+        layers::attention_device(gpu, shape, 1, &q, &step, &mut out).unwrap();
+        download(gpu, &out)
+    };
+    let (want, got) = (attend(&uncut, 0), attend(&cache, 7));
+    assert!(want.iter().all(|x| x.is_finite()));
+    assert_eq!(
+        got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    // A position before the cache's start, and one past its capacity.
+    let err = AttnRows::upload_windowed(gpu, &[&cache], &[7], &[(0, 6)])
+        .err()
+        .unwrap();
+    assert!(matches!(
+        layer_err(err),
+        LayerError::PositionDropped {
+            row: 0,
+            pos: 6,
+            start: 7
+        }
+    ));
+    let err = AttnRows::upload_windowed(gpu, &[&cache], &[7], &[(0, 19)])
+        .err()
+        .unwrap();
+    assert!(matches!(
+        layer_err(err),
+        LayerError::PositionOutOfRange {
+            pos: 12,
+            capacity: 12,
+            ..
+        }
+    ));
+}
+
 /// The attention check itself, without a device: it accepts the reference's
 /// own output rounded to f16, and rejects the output of a neighbouring
 /// window or of the wrong KV head (so the GPU comparison cannot pass

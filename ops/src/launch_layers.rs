@@ -174,13 +174,15 @@ pub(crate) fn embed(
     launch!(gpu, "meswitch_embed", per_row(rows)?, params)
 }
 
-/// Row descriptor of `pos` in `cache` (see `MeswitchAttnRow`).
-pub(crate) fn attn_row(gpu: &Gpu, cache: &DeviceKv, pos: usize) -> abi::MeswitchAttnRow {
+/// Row descriptor of cache slot `slot` of `cache` (see `MeswitchAttnRow`;
+/// the kernels' `pos` is the slot: the absolute position minus the cache's
+/// first stored one, see `AttnRows::upload_windowed`).
+pub(crate) fn attn_row(gpu: &Gpu, cache: &DeviceKv, slot: usize) -> abi::MeswitchAttnRow {
     abi::MeswitchAttnRow {
         kv: addr(gpu, cache.data()),
-        // DeviceKv::new/grow checked the capacity fits u32; pos < capacity.
+        // DeviceKv::new/grow checked the capacity fits u32; slot < capacity.
         capacity: cache.capacity() as u32,
-        pos: pos as u32,
+        pos: slot as u32,
     }
 }
 

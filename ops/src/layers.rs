@@ -49,7 +49,7 @@ pub enum LayerError {
         token: u32,
         vocab: usize,
     },
-    #[error("row {row}: position {pos} is not below the capacity {capacity} of its cache")]
+    #[error("row {row}: cache slot {pos} (position − the cache's first stored position) is not below the capacity {capacity} of its cache")]
     PositionOutOfRange {
         row: usize,
         pos: usize,
@@ -67,6 +67,18 @@ pub enum LayerError {
         second: usize,
         cache: usize,
         pos: usize,
+    },
+    #[error("row {row}: position {pos} is before the first stored position {start} of its cache (dropped under the sliding window)")]
+    PositionDropped {
+        row: usize,
+        pos: usize,
+        start: usize,
+    },
+    #[error("cannot move positions {from}..{end} of a cache with capacity {capacity}")]
+    ShiftRange {
+        from: usize,
+        end: usize,
+        capacity: usize,
     },
     #[error("layer {layer} of a cache with {n_layers} layers")]
     LayerOutOfRange { layer: usize, n_layers: usize },
@@ -324,6 +336,37 @@ impl DeviceKv {
         Ok(())
     }
 
+    /// Moves positions `from .. from + count` of every layer's K and V to
+    /// `0 .. count` (what a sliding-window cache does when it drops its
+    /// oldest positions); positions `count..` keep stale data the caller
+    /// treats as free. Device-to-device copies on the stream, cut in pieces
+    /// so no copy overlaps itself (`shift_copies`).
+    pub fn shift_front(&mut self, gpu: &Gpu, from: usize, count: usize) -> Result<(), OpsError> {
+        let end = from.saturating_add(count);
+        if end > self.capacity {
+            return Err(LayerError::ShiftRange {
+                from,
+                end,
+                capacity: self.capacity,
+            }
+            .into());
+        }
+        let (kv, block) = (self.kv_dim, self.capacity * self.kv_dim);
+        for b in 0..self.n_layers * 2 {
+            for (src, dst, n) in shift_copies(from, count) {
+                // dst + n ≤ src: the two views are disjoint halves of the block.
+                let mut whole = self.data.slice_mut(b * block..(b + 1) * block);
+                let (mut front, back) = whole.split_at_mut(src * kv);
+                let source = back.slice(..n * kv);
+                let mut target = front.slice_mut(dst * kv..(dst + n) * kv);
+                gpu.stream()
+                    .memcpy_dtod(&source, &mut target)
+                    .during("moving a KV cache's kept positions to its front")?;
+            }
+        }
+        Ok(())
+    }
+
     /// Layer `layer`'s keys and values, each `[capacity, kv_dim]` (tests,
     /// debugging; waits for the stream).
     pub fn download_layer(
@@ -348,6 +391,30 @@ impl DeviceKv {
     pub(crate) fn data(&self) -> &CudaSlice<f16> {
         &self.data
     }
+}
+
+/// The copies that move positions `from .. from + count` to `0 .. count`,
+/// as (source position, target position, positions). Disjoint ranges
+/// (`from ≥ count`, the sliding-window case) are one copy; overlapping ones
+/// go front to back in pieces of at most `from` positions, so each piece's
+/// target ends where its source starts and only overwrites positions whose
+/// data an earlier piece has already moved:
+///
+/// ```text
+///   from = 2, count = 5:   [2,4)→[0,2)   [4,6)→[2,4)   [6,7)→[4,5)
+/// ```
+fn shift_copies(from: usize, count: usize) -> Vec<(usize, usize, usize)> {
+    let mut copies = Vec::new();
+    if from == 0 {
+        return copies;
+    }
+    let mut done = 0;
+    while done < count {
+        let n = from.min(count - done);
+        copies.push((from + done, done, n));
+        done += n;
+    }
+    copies
 }
 
 /// The step's rows on the device: for row r, its sequence's cache (an index
@@ -381,6 +448,32 @@ impl<'a> AttnRows<'a> {
         caches: &[&'a DeviceKv],
         rows: &[(usize, usize)],
     ) -> Result<AttnRows<'a>, OpsError> {
+        AttnRows::upload_windowed(gpu, caches, &vec![0; caches.len()], rows)
+    }
+
+    /// [`AttnRows::upload`] for caches whose slot 0 holds absolute position
+    /// `starts[c]` (a sliding-window cache that dropped its oldest
+    /// positions, see [`DeviceKv::shift_front`]). Rows name absolute
+    /// positions: RoPE gets those ([`AttnRows::positions`]); append and
+    /// attention use the slot `pos − starts[c]`, which must be below the
+    /// capacity.
+    ///
+    /// ```text
+    ///   absolute:  0 ..... start ........ pos ...
+    ///   slot:              0 ............ pos − start  < capacity
+    /// ```
+    ///
+    /// The attention kernel's window start `max(slot + 1 − window, 0)` is
+    /// the absolute one minus `start` whenever `start ≤ pos + 1 − window`,
+    /// i.e. when the cache dropped nothing the window can see (the rule in
+    /// the runtime's `kv_window` guarantees it).
+    pub fn upload_windowed(
+        gpu: &Gpu,
+        caches: &[&'a DeviceKv],
+        starts: &[usize],
+        rows: &[(usize, usize)],
+    ) -> Result<AttnRows<'a>, OpsError> {
+        ShapeError::check_len("attention cache starts", caches.len(), starts.len())?;
         let geometry = caches.first().map_or((0, 0), |c| (c.n_layers, c.kv_dim));
         for (cache, c) in caches.iter().enumerate() {
             if (c.n_layers, c.kv_dim) != geometry {
@@ -407,10 +500,14 @@ impl<'a> AttnRows<'a> {
                 cache,
                 n_caches: caches.len(),
             })?;
-            if pos >= c.capacity {
+            let start = starts[cache];
+            let slot =
+                pos.checked_sub(start)
+                    .ok_or(LayerError::PositionDropped { row, pos, start })?;
+            if slot >= c.capacity {
                 return Err(LayerError::PositionOutOfRange {
                     row,
-                    pos,
+                    pos: slot,
                     capacity: c.capacity,
                 }
                 .into());
@@ -424,9 +521,12 @@ impl<'a> AttnRows<'a> {
                 }
                 .into());
             }
-            descriptors.push(launch::attn_row(gpu, c, pos));
+            descriptors.push(launch::attn_row(gpu, c, slot));
         }
-        let positions: Vec<u32> = rows.iter().map(|&(_, p)| p as u32).collect();
+        let positions: Vec<u32> = rows
+            .iter()
+            .map(|&(_, p)| u32_of("position", p))
+            .collect::<Result<_, _>>()?;
         Ok(AttnRows {
             table: launch::upload_attn_rows(gpu, &descriptors)?,
             positions: upload(gpu, &positions)?,
@@ -746,6 +846,31 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// Replays the copies on a host array: the moved positions arrive
+    /// intact whatever the overlap, and no copy overlaps itself.
+    #[test]
+    fn shift_copies_move_every_kept_position_once() {
+        for from in 0..9 {
+            for count in 0..12 {
+                let mut cache: Vec<usize> = (0..from + count).collect();
+                let copies = shift_copies(from, count);
+                for &(src, dst, n) in &copies {
+                    assert!(n > 0 && dst + n <= src, "{from} {count}: {copies:?}");
+                    cache.copy_within(src..src + n, dst);
+                }
+                if from > 0 {
+                    let moved: Vec<usize> = (from..from + count).collect();
+                    assert_eq!(&cache[..count], &moved[..], "{from} {count}");
+                    assert_eq!(copies.iter().map(|c| c.2).sum::<usize>(), count);
+                } else {
+                    assert!(copies.is_empty());
+                }
+            }
+        }
+        assert_eq!(shift_copies(2, 5), vec![(2, 0, 2), (4, 2, 2), (6, 4, 1)]);
+        assert_eq!(shift_copies(8, 4), vec![(8, 0, 4)]);
     }
 
     #[test]

@@ -477,6 +477,67 @@ fn cache_growth_keeps_contents() {
     assert!(gc[0].capacity() >= 260, "capacity {}", gc[0].capacity());
 }
 
+/// A long decode under a small sliding window: the device cache cuts back
+/// to the last `w` positions whenever `2·w` are stored (the CPU's rule),
+/// many times over; logits match the CPU at every step, and the device
+/// cache never holds more than `2·w` + one step's rows.
+#[test]
+fn long_decode_past_the_window_matches_the_cpu_backend() {
+    if !have_gpu() {
+        return;
+    }
+    const WINDOW: usize = 5;
+    let (cpu, cuda) = pair(Some(WINDOW), 70);
+    let vocab = cpu.config().vocab_size;
+    let mut rng = StdRng::seed_from_u64(71);
+    let mut cc = [cpu.new_cache(), cpu.new_cache()];
+    let mut gc = [cuda.new_cache(), cuda.new_cache()];
+    // Prefills of 7 (a) and 13 (> 2·w at once, b), then decodes of one
+    // token, with a 3-token step crossing a cut now and then.
+    let mut sizes = vec![(7usize, 13usize)];
+    for k in 0..45 {
+        sizes.push(if k % 11 == 4 { (3, 1) } else { (1, 1) });
+    }
+    let mut worst = 0f32;
+    let mut cuts = 0;
+    for (k, &(n0, n1)) in sizes.iter().enumerate() {
+        let seqs = [
+            (tokens(&mut rng, n0, vocab), Some(0), LogitsWanted::From(0)),
+            (tokens(&mut rng, n1, vocab), Some(1), LogitsWanted::Last),
+        ];
+        let starts: Vec<usize> = gc.iter().map(CudaCache::start).collect();
+        let want = step(&cpu, &mut cc, &seqs).expect("CPU step");
+        let got = step(&cuda, &mut gc, &seqs).expect("CUDA step");
+        for (s, (w, g)) in want.iter().zip(&got).enumerate() {
+            let what = format!("window {WINDOW} step {k} sequence {s}");
+            worst = worst.max(assert_rows_close(&what, w, g, vocab));
+        }
+        for (s, (c, g)) in cc.iter().zip(&gc).enumerate() {
+            assert_eq!(c.len(), g.len(), "step {k} sequence {s}: lengths");
+            let rows = seqs[s].0.len();
+            assert!(
+                g.stored_positions() < 2 * WINDOW + rows,
+                "step {k} sequence {s}: {} positions stored",
+                g.stored_positions()
+            );
+            assert!(
+                g.capacity() <= (2 * WINDOW).max(13),
+                "step {k} sequence {s}: capacity {}",
+                g.capacity()
+            );
+        }
+        cuts += gc
+            .iter()
+            .zip(&starts)
+            .filter(|(g, &before)| g.start() != before)
+            .count();
+    }
+    assert!(cuts >= 10, "only {cuts} cuts: the window was not exercised");
+    eprintln!(
+        "long decode, window {WINDOW}: {cuts} cuts, worst max|Δlogit| / spread = {worst:.3e}"
+    );
+}
+
 /// The router's features agree (after a middle layer and after the final
 /// norm), and bad inputs are the CPU backend's typed errors, with the
 /// caches unchanged by a failed step.

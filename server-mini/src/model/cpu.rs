@@ -22,6 +22,7 @@ use meswitch_reference::container::BaseIdentity;
 use meswitch_reference::BaseView;
 
 use super::experts::{Expert, ExpertMatrix, ExpertParser};
+use super::kv_window;
 use super::linear::{multi_expert_linear, ExpertLinear};
 use super::numerics::{add_q4_1_sum_term, attention_llama_cpp, round_f16, round_q8_rows, Numerics};
 use super::ops::{attention, rms_norm, rope, rope_inv_freq, swiglu, AttnShape, Query};
@@ -83,12 +84,12 @@ impl KvCache {
         }
         self.len = len;
     }
-    /// Drops positions no later query can see under `window`.
+    /// Drops positions no later query can see under `window` (the rule is
+    /// [`kv_window::cut_start`], shared with the CUDA cache).
     fn drop_outside(&mut self, window: usize) {
-        if self.stored_positions() < 2 * window {
+        let Some(new_start) = kv_window::cut_start(self.start, self.len, Some(window)) else {
             return;
-        }
-        let new_start = self.len - window;
+        };
         let drop = (new_start - self.start) * self.kv_dim;
         for c in self.k.iter_mut().chain(self.v.iter_mut()) {
             c.drain(..drop);

@@ -19,6 +19,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod experts;
 mod kernels;
+pub mod kv_window;
 pub mod linear;
 pub mod load;
 pub mod numerics;

@@ -238,12 +238,15 @@ impl CudaBackend {
     }
 
     /// Embeds the step's rows and runs the first `n_layers` decoder layers,
-    /// appending every row's K/V to `caches[seq]` (which must have room,
-    /// see [`CudaCache::reserve`]); returns `h`.
+    /// appending every row's K/V to `caches[seq]` = (cache, absolute
+    /// position of its slot 0), which must have room (see
+    /// [`CudaCache::prepare`]); returns `h`. RoPE turns by the absolute
+    /// position, append and attention use the slot `pos − start`, as the
+    /// CPU's attention uses `pos − cache.start`.
     pub(super) fn run_decoder(
         &self,
         rows: &StepRows,
-        caches: &[&DeviceKv],
+        caches: &[(&DeviceKv, usize)],
         n_layers: usize,
     ) -> Result<CudaSlice<f32>, ModelError> {
         let c = &self.config;
@@ -253,7 +256,8 @@ impl CudaBackend {
         let experts = self.step_experts(rows)?;
         let mut h = self.embed(rows, &experts)?;
 
-        let attn_rows = AttnRows::upload(gpu, caches, &rows.seq_pos)
+        let (kvs, starts): (Vec<&DeviceKv>, Vec<usize>) = caches.iter().copied().unzip();
+        let attn_rows = AttnRows::upload_windowed(gpu, &kvs, &starts, &rows.seq_pos)
             .map_err(|e| device_err("uploading attention rows", e))?;
         let shape = AttnShape {
             n_heads: c.num_heads,
@@ -403,10 +407,10 @@ impl CudaBackend {
         let c = &self.config;
         let (hd, vocab) = (c.hidden_size, c.vocab_size);
         let rows = StepRows::new(batch.iter().map(|s| (s.tokens, s.cache.len(), s.expert)));
-        let caches: Vec<&DeviceKv> = batch
+        let caches: Vec<(&DeviceKv, usize)> = batch
             .iter()
-            .map(|s| s.cache.device())
-            .collect::<Result<_, _>>()?;
+            .map(|s| Ok((s.cache.device()?, s.cache.start())))
+            .collect::<Result<_, ModelError>>()?;
         let h = self.run_decoder(&rows, &caches, c.num_layers)?;
 
         // Rows asked for: a contiguous tail of each sequence's rows.
@@ -498,9 +502,9 @@ impl CudaBackend {
             logits: LogitsWanted::Last,
         }];
         self.validate(&batch)?;
-        cache.reserve(&self.gpu, self.geometry(), tokens.len())?;
+        cache.prepare(&self.gpu, self.geometry(), tokens.len())?;
         let rows = StepRows::new(std::iter::once((tokens, 0, None)));
-        let h = self.run_decoder(&rows, &[cache.device()?], (layer + 1).min(n_layers))?;
+        let h = self.run_decoder(&rows, &[(cache.device()?, 0)], (layer + 1).min(n_layers))?;
         let mut out = self
             .gpu
             .stream()

@@ -188,6 +188,7 @@ impl CudaBackend {
             n_layers: self.config.num_layers,
             kv_dim: self.config.kv_dim(),
             max_context: self.max_context,
+            sliding_window: self.config.sliding_window,
         }
     }
 
@@ -196,6 +197,7 @@ impl CudaBackend {
     fn validate(&self, batch: &[SeqStep<'_, CudaCache>]) -> Result<(), ModelError> {
         for s in batch {
             s.check(s.cache.len(), self.config.vocab_size, self.max_context)?;
+            s.cache.check_usable()?;
             if let Some(id) = s.expert {
                 match self.experts.get(id) {
                     Some(Some(Slot { device: Ok(_), .. })) => {}
@@ -282,8 +284,7 @@ impl Backend for CudaBackend {
         }
         let g = self.geometry();
         for s in batch.iter_mut() {
-            let need = s.cache.len() + s.tokens.len();
-            s.cache.reserve(&self.gpu, g, need)?;
+            s.cache.prepare(&self.gpu, g, s.tokens.len())?;
         }
         let logits = self.forward_step(batch)?;
         // Only a step that fully succeeded moves the caches on.
