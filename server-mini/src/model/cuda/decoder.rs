@@ -7,13 +7,13 @@ use meswitch_ops::layers::{
     add_residual_device, attention_device, embed_device, kv_append_device, rms_norm_device,
     rope_device, swiglu_device, AttnRows, DeviceKv,
 };
-use meswitch_ops::{DeviceBase, DeviceSlice};
+use meswitch_ops::DeviceSlice;
 
 /// A device array (cudarc's `CudaSlice`, as meswitch-ops names it).
 type CudaSlice<T> = DeviceSlice<T>;
 use meswitch_reference::layers::{rms_norm, AttnShape};
 
-use super::linear::{multi_expert_linear, runs, RowMaps};
+use super::linear::{multi_expert_linear, prepare_linear, runs, PreparedLinear, RowMaps};
 use super::weights::{delta_embed_row, dense_embed_row, DeviceExpert, DeviceMatrix};
 use super::{device_err, CudaBackend, CudaCache};
 use crate::model::experts::{Expert, ExpertMatrix};
@@ -169,16 +169,35 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn linear(
-        &self,
-        base: &DeviceBase,
-        mats: &[Option<&DeviceMatrix>],
+    /// Every projection's part of the step for the first `n_layers`
+    /// layers, `[layer][Proj::index]`, uploaded before the step's first
+    /// launch (see `linear.rs`).
+    fn prepare_layers<'a>(
+        &'a self,
+        experts: &Experts<'a>,
         slot: &[Option<usize>],
-        x: &CudaSlice<f16>,
-        y: &mut CudaSlice<f16>,
+        n_layers: usize,
         maps: &mut RowMaps,
-    ) -> Result<(), ModelError> {
-        multi_expert_linear(&self.gpu, base, mats, slot, x, y, maps)
+    ) -> Result<Vec<Vec<PreparedLinear<'a>>>, ModelError> {
+        let mut out = Vec::with_capacity(n_layers);
+        for (l, lw) in self.weights.layers.iter().enumerate().take(n_layers) {
+            let mut layer = Vec::with_capacity(Proj::ALL.len());
+            for p in Proj::ALL {
+                let mats: Vec<Option<&DeviceMatrix>> = experts
+                    .iter()
+                    .map(|e| e.1.layers.get(l).and_then(|x| x.proj[p.index()].as_ref()))
+                    .collect();
+                layer.push(prepare_linear(
+                    &self.gpu,
+                    &lw.proj[p.index()],
+                    &mats,
+                    slot,
+                    maps,
+                )?);
+            }
+            out.push(layer);
+        }
+        Ok(out)
     }
 
     /// `h [rows, hidden]` f32 = the step's embeddings, with no host-device
@@ -242,23 +261,30 @@ impl CudaBackend {
     /// position of its slot 0), which must have room (see
     /// [`CudaCache::prepare`]); returns `h`. RoPE turns by the absolute
     /// position, append and attention use the slot `pos − start`, as the
-    /// CPU's attention uses `pos − cache.start`.
+    /// CPU's attention uses `pos − cache.start`. `experts` are the step's
+    /// (by slot); the layers' expert tables and row maps go into `maps`
+    /// before the first launch.
     pub(super) fn run_decoder(
         &self,
         rows: &StepRows,
+        experts: &Experts,
         caches: &[(&DeviceKv, usize)],
         n_layers: usize,
+        maps: &mut RowMaps,
     ) -> Result<CudaSlice<f32>, ModelError> {
         let c = &self.config;
         let gpu = &self.gpu;
         let n = rows.len();
         let (hd, q_dim, kv_dim, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let experts = self.step_experts(rows)?;
-        let mut h = self.embed(rows, &experts)?;
-
+        let slot = &rows.slot;
+        // Expert tables, row maps and attention rows first, then the launches.
+        let linears = self.prepare_layers(experts, slot, n_layers, maps)?;
         let (kvs, starts): (Vec<&DeviceKv>, Vec<usize>) = caches.iter().copied().unzip();
         let attn_rows = AttnRows::upload_windowed(gpu, &kvs, &starts, &rows.seq_pos)
             .map_err(|e| device_err("uploading attention rows", e))?;
+        let maps: &RowMaps = maps;
+        let mut h = self.embed(rows, experts)?;
+
         let shape = AttnShape {
             n_heads: c.num_heads,
             n_kv_heads: c.num_kv_heads,
@@ -277,14 +303,9 @@ impl CudaBackend {
             act: zeros_f16(self, n * ffn, "SwiGLU output")?,
             norm_tmp: None,
         };
-        let mut maps = RowMaps::default();
-        let slot = &rows.slot;
         for (l, lw) in self.weights.layers.iter().enumerate().take(n_layers) {
-            let mats = |p: Proj| -> Vec<Option<&DeviceMatrix>> {
-                experts
-                    .iter()
-                    .map(|e| e.1.layers.get(l).and_then(|x| x.proj[p.index()].as_ref()))
-                    .collect()
+            let linear = |p: Proj, x: &CudaSlice<f16>, y: &mut CudaSlice<f16>| {
+                multi_expert_linear(gpu, &linears[l][p.index()], maps, slot, x, y)
             };
             let input_norms: Vec<_> = experts
                 .iter()
@@ -294,7 +315,6 @@ impl CudaBackend {
                 .iter()
                 .map(|e| e.1.layers.get(l).and_then(|x| x.post_norm.as_ref()))
                 .collect();
-            let proj = |p: Proj| &lw.proj[p.index()];
 
             self.norm(
                 &h,
@@ -304,30 +324,9 @@ impl CudaBackend {
                 &mut b.x,
                 &mut b.norm_tmp,
             )?;
-            self.linear(
-                proj(Proj::Q),
-                &mats(Proj::Q),
-                slot,
-                &b.x,
-                &mut b.q,
-                &mut maps,
-            )?;
-            self.linear(
-                proj(Proj::K),
-                &mats(Proj::K),
-                slot,
-                &b.x,
-                &mut b.k,
-                &mut maps,
-            )?;
-            self.linear(
-                proj(Proj::V),
-                &mats(Proj::V),
-                slot,
-                &b.x,
-                &mut b.v,
-                &mut maps,
-            )?;
+            linear(Proj::Q, &b.x, &mut b.q)?;
+            linear(Proj::K, &b.x, &mut b.k)?;
+            linear(Proj::V, &b.x, &mut b.v)?;
             rope_device(
                 gpu,
                 &self.rope,
@@ -350,14 +349,7 @@ impl CudaBackend {
                 .map_err(|e| device_err("KV append", e))?;
             attention_device(gpu, shape, l, &b.q, &attn_rows, &mut b.attn)
                 .map_err(|e| device_err("attention", e))?;
-            self.linear(
-                proj(Proj::O),
-                &mats(Proj::O),
-                slot,
-                &b.attn,
-                &mut b.o,
-                &mut maps,
-            )?;
+            linear(Proj::O, &b.attn, &mut b.o)?;
             add_residual_device(gpu, &mut h, &b.o).map_err(|e| device_err("residual add", e))?;
 
             self.norm(
@@ -368,31 +360,10 @@ impl CudaBackend {
                 &mut b.x,
                 &mut b.norm_tmp,
             )?;
-            self.linear(
-                proj(Proj::Gate),
-                &mats(Proj::Gate),
-                slot,
-                &b.x,
-                &mut b.gate,
-                &mut maps,
-            )?;
-            self.linear(
-                proj(Proj::Up),
-                &mats(Proj::Up),
-                slot,
-                &b.x,
-                &mut b.up,
-                &mut maps,
-            )?;
+            linear(Proj::Gate, &b.x, &mut b.gate)?;
+            linear(Proj::Up, &b.x, &mut b.up)?;
             swiglu_device(gpu, &b.gate, &b.up, &mut b.act).map_err(|e| device_err("SwiGLU", e))?;
-            self.linear(
-                proj(Proj::Down),
-                &mats(Proj::Down),
-                slot,
-                &b.act,
-                &mut b.o,
-                &mut maps,
-            )?;
+            linear(Proj::Down, &b.act, &mut b.o)?;
             add_residual_device(gpu, &mut h, &b.o).map_err(|e| device_err("residual add", e))?;
         }
         Ok(h)
@@ -411,7 +382,6 @@ impl CudaBackend {
             .iter()
             .map(|s| Ok((s.cache.device()?, s.cache.start())))
             .collect::<Result<_, ModelError>>()?;
-        let h = self.run_decoder(&rows, &caches, c.num_layers)?;
 
         // Rows asked for: a contiguous tail of each sequence's rows.
         let mut wanted = Vec::with_capacity(batch.len());
@@ -425,19 +395,28 @@ impl CudaBackend {
             start += s.tokens.len();
         }
         let picked: usize = wanted.iter().map(|(a, e)| e - a).sum();
+        let pslot: Vec<Option<usize>> = wanted
+            .iter()
+            .flat_map(|&(a, e)| rows.slot[a..e].iter().copied())
+            .collect();
+
+        // Every expert table and row map of the step (the head's too)
+        // before the first launch.
+        let experts = self.step_experts(&rows)?;
+        let heads: Vec<_> = experts.iter().map(|e| e.1.lm_head.as_ref()).collect();
+        let mut maps = RowMaps::default();
+        let head = prepare_linear(&self.gpu, self.weights.lm_head(), &heads, &pslot, &mut maps)?;
+        let h = self.run_decoder(&rows, &experts, &caches, c.num_layers, &mut maps)?;
+
         let mut ph = zeros_f32(self, picked * hd, "picked rows")?;
-        let mut pslot = Vec::with_capacity(picked);
         let mut dst = 0;
         for &(a, e) in &wanted {
             copy_rows(self, &h, (a, e), &mut ph, dst, hd)?;
-            pslot.extend_from_slice(&rows.slot[a..e]);
             dst += e - a;
         }
         drop(h);
 
-        let experts = self.step_experts(&rows)?;
         let norms: Vec<_> = experts.iter().map(|e| e.1.final_norm.as_ref()).collect();
-        let heads: Vec<_> = experts.iter().map(|e| e.1.lm_head.as_ref()).collect();
         let mut x = zeros_f16(self, picked * hd, "normed head input")?;
         let mut tmp = None;
         self.norm(
@@ -449,15 +428,7 @@ impl CudaBackend {
             &mut tmp,
         )?;
         let mut logits = zeros_f16(self, picked * vocab, "logits")?;
-        let mut maps = RowMaps::default();
-        self.linear(
-            self.weights.lm_head(),
-            &heads,
-            &pslot,
-            &x,
-            &mut logits,
-            &mut maps,
-        )?;
+        multi_expert_linear(&self.gpu, &head, &maps, &pslot, &x, &mut logits)?;
         let logits = self
             .gpu
             .stream()
@@ -504,7 +475,14 @@ impl CudaBackend {
         self.validate(&batch)?;
         cache.prepare(&self.gpu, self.geometry(), tokens.len())?;
         let rows = StepRows::new(std::iter::once((tokens, 0, None)));
-        let h = self.run_decoder(&rows, &[(cache.device()?, 0)], (layer + 1).min(n_layers))?;
+        let mut maps = RowMaps::default();
+        let h = self.run_decoder(
+            &rows,
+            &Vec::new(),
+            &[(cache.device()?, 0)],
+            (layer + 1).min(n_layers),
+            &mut maps,
+        )?;
         let mut out = self
             .gpu
             .stream()

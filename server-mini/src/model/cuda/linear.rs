@@ -15,6 +15,16 @@
 //! `multi_expert_gemv_device` itself picks the fused kernel (≤ 64 rows,
 //! `in % 128 == 0`), cuBLAS + delta kernel (prefill) or cuBLAS + dequantize
 //! (other widths, e.g. SmolLM2's 576); see `ops/src/launch.rs`.
+//!
+//! A step prepares every tensor's part once, before its first launch
+//! ([`prepare_linear`], called for all tensors by the decoder): the delta
+//! list's device table (descriptors pointing into the experts' packed
+//! deltas) and the row map, deduplicated by content in [`RowMaps`]. So no
+//! table or map upload sits between the step's launches, and each table is
+//! built once per (tensor, step's expert set). The tables borrow the
+//! experts' device memory and live for one step; experts are only added or
+//! removed between steps (`&mut self`), so no cached table can outlive
+//! them and nothing needs invalidating.
 
 use std::collections::HashMap;
 
@@ -26,29 +36,39 @@ use super::device_err;
 use super::weights::DeviceMatrix;
 use crate::model::ModelError;
 
-/// Row → expert maps already on the device, by content. Within a step most
-/// projections see the same map (every active expert has a delta for every
-/// projection), so it is uploaded once instead of seven times per layer.
+/// Row → expert maps of a step on the device, each uploaded once however
+/// many tensors use it: within a step most projections see the same map
+/// (every active expert has a delta for every projection).
 #[derive(Default)]
 pub(super) struct RowMaps {
-    maps: HashMap<Vec<Option<u32>>, DeviceRows>,
+    index: HashMap<Vec<Option<u32>>, usize>,
+    maps: Vec<DeviceRows>,
 }
 
 impl RowMaps {
-    fn get(
+    /// The index of map `rows`, uploading it on first sight. `rows` names
+    /// deltas below `n_experts`; the same content is valid for any table
+    /// that long or longer, so the first upload serves every later user.
+    fn intern(
         &mut self,
         gpu: &Gpu,
         rows: Vec<Option<u32>>,
         n_experts: usize,
-    ) -> Result<&DeviceRows, ModelError> {
-        if !self.maps.contains_key(&rows) {
-            let d = DeviceRows::upload(gpu, &rows, n_experts)
-                .map_err(|e| device_err("uploading a row map", e))?;
-            self.maps.insert(rows.clone(), d);
+    ) -> Result<usize, ModelError> {
+        if let Some(&i) = self.index.get(&rows) {
+            return Ok(i);
         }
+        let d = DeviceRows::upload(gpu, &rows, n_experts)
+            .map_err(|e| device_err("uploading a row map", e))?;
+        self.maps.push(d);
+        self.index.insert(rows, self.maps.len() - 1);
+        Ok(self.maps.len() - 1)
+    }
+
+    fn get(&self, i: usize) -> Result<&DeviceRows, ModelError> {
         self.maps
-            .get(&rows)
-            .ok_or_else(|| ModelError::Device("row map cache lost an entry".into()))
+            .get(i)
+            .ok_or_else(|| ModelError::Device(format!("row map {i} was never prepared")))
     }
 }
 
@@ -70,55 +90,109 @@ pub(super) fn runs(row_slot: &[Option<usize>], slot: usize) -> Vec<(usize, usize
     out
 }
 
-/// `y[b] = x[b]·W_{slot(b)}ᵀ` for `x [rows, in]`, `y [rows, out]` FP16;
-/// `mats[s]` is slot `s`'s version of this tensor (`None` = base).
+/// One tensor's delta list and row map: the slots whose expert has a delta
+/// for it (`has_delta[slot]`) become table entries 0, 1, … in slot order;
+/// each row names its slot's entry, or none (no expert, base, or a dense
+/// replacement: those rows take the base product, later overwritten).
+///
+/// ```text
+///   has_delta: [T, F, T]      row_slot: [0, 0, -, 1, 2, 2, 0]
+///   table:     [slot 0, slot 2]
+///   rows:      [0, 0, -, -, 1, 1, 0]
+/// ```
+fn delta_rows(
+    has_delta: &[bool],
+    row_slot: &[Option<usize>],
+) -> Result<(Vec<usize>, Vec<Option<u32>>), ModelError> {
+    let mut table = Vec::new();
+    let mut entry: Vec<Option<u32>> = vec![None; has_delta.len()];
+    for (s, _) in has_delta.iter().enumerate().filter(|(_, &d)| d) {
+        entry[s] = Some(table.len() as u32);
+        table.push(s);
+    }
+    let rows = row_slot
+        .iter()
+        .map(|s| match s {
+            Some(s) => entry.get(*s).copied().ok_or_else(|| {
+                ModelError::Device(format!("row slot {s} outside {}", has_delta.len()))
+            }),
+            None => Ok(None),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((table, rows))
+}
+
+/// A tensor's part of one step, made by [`prepare_linear`].
+pub(super) struct PreparedLinear<'a> {
+    base: &'a DeviceBase,
+    table: DeviceExperts<'a>,
+    /// This tensor's row map in the step's [`RowMaps`].
+    map: usize,
+    /// (slot, its expert's dense replacement of this tensor).
+    dense: Vec<(usize, &'a DeviceBase)>,
+}
+
+/// Uploads what [`multi_expert_linear`] needs for `base` over the step's
+/// rows: `mats[s]` is slot `s`'s version of this tensor (`None` = base),
+/// `row_slot` each row's slot.
+pub(super) fn prepare_linear<'a>(
+    gpu: &Gpu,
+    base: &'a DeviceBase,
+    mats: &[Option<&'a DeviceMatrix>],
+    row_slot: &[Option<usize>],
+    maps: &mut RowMaps,
+) -> Result<PreparedLinear<'a>, ModelError> {
+    let (o, i) = (base.out_features, base.in_features);
+    let mut dense = Vec::new();
+    for (s, m) in mats.iter().enumerate() {
+        if let Some(DeviceMatrix::Dense(w)) = m {
+            ShapeError::check_expert_shape(s, (w.out_features, w.in_features), (o, i))?;
+            dense.push((s, w));
+        }
+    }
+    let has_delta: Vec<bool> = mats
+        .iter()
+        .map(|m| matches!(m, Some(DeviceMatrix::Delta(_))))
+        .collect();
+    let (slots, rows) = delta_rows(&has_delta, row_slot)?;
+    let deltas: Vec<&DeviceDelta> = slots
+        .iter()
+        .filter_map(|&s| match mats[s] {
+            Some(DeviceMatrix::Delta(d)) => Some(d),
+            _ => None,
+        })
+        .collect();
+    let table =
+        DeviceExperts::new(gpu, &deltas).map_err(|e| device_err("building the expert table", e))?;
+    let map = maps.intern(gpu, rows, deltas.len())?;
+    Ok(PreparedLinear {
+        base,
+        table,
+        map,
+        dense,
+    })
+}
+
+/// `y[b] = x[b]·W_{slot(b)}ᵀ` for `x [rows, in]`, `y [rows, out]` FP16,
+/// with the tensor's part prepared for this step's `row_slot`.
 pub(super) fn multi_expert_linear(
     gpu: &Gpu,
-    base: &DeviceBase,
-    mats: &[Option<&DeviceMatrix>],
+    p: &PreparedLinear,
+    maps: &RowMaps,
     row_slot: &[Option<usize>],
     x: &DeviceSlice<f16>,
     y: &mut DeviceSlice<f16>,
-    maps: &mut RowMaps,
 ) -> Result<(), ModelError> {
-    let (o, i) = (base.out_features, base.in_features);
+    let (o, i) = (p.base.out_features, p.base.in_features);
     let n = row_slot.len();
     ShapeError::check_len("linear x", n * i, x.len())?;
     ShapeError::check_len("linear y", n * o, y.len())?;
-    let mut deltas: Vec<&DeviceDelta> = Vec::new();
-    let mut local: Vec<Option<u32>> = vec![None; mats.len()];
-    for (s, m) in mats.iter().enumerate() {
-        match m {
-            Some(DeviceMatrix::Delta(d)) => {
-                local[s] = Some(deltas.len() as u32);
-                deltas.push(d);
-            }
-            Some(DeviceMatrix::Dense(w)) => {
-                ShapeError::check_expert_shape(s, (w.out_features, w.in_features), (o, i))?;
-            }
-            None => {}
-        }
-    }
-    let row_expert = row_slot
-        .iter()
-        .map(|s| match s {
-            Some(s) => local
-                .get(*s)
-                .copied()
-                .ok_or_else(|| ModelError::Device(format!("row slot {s} outside {}", mats.len()))),
-            None => Ok(None),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let table =
-        DeviceExperts::new(gpu, &deltas).map_err(|e| device_err("building the expert table", e))?;
-    let rows = maps.get(gpu, row_expert, deltas.len())?;
-    meswitch_ops::multi_expert_gemv_device(gpu, base, &table, x, rows, y)
+    let rows = maps.get(p.map)?;
+    ShapeError::check_len("linear row map", n, rows.batch())?;
+    meswitch_ops::multi_expert_gemv_device(gpu, p.base, &p.table, x, rows, y)
         .map_err(|e| device_err("multi-expert GEMV", e))?;
 
-    for (s, m) in mats.iter().enumerate() {
-        let Some(DeviceMatrix::Dense(w)) = m else {
-            continue;
-        };
+    for &(s, w) in &p.dense {
         for (a, b) in runs(row_slot, s) {
             let xs = x
                 .try_slice(a * i..b * i)
@@ -135,7 +209,24 @@ pub(super) fn multi_expert_linear(
 
 #[cfg(test)]
 mod tests {
-    use super::runs;
+    use super::{delta_rows, runs};
+
+    #[test]
+    fn delta_rows_number_the_slots_with_a_delta_in_order() {
+        let row_slot = [Some(0), Some(0), None, Some(1), Some(2), Some(2), Some(0)];
+        let (table, rows) = delta_rows(&[true, false, true], &row_slot).unwrap();
+        assert_eq!(table, vec![0, 2]);
+        assert_eq!(
+            rows,
+            vec![Some(0), Some(0), None, None, Some(1), Some(1), Some(0)]
+        );
+        let (table, rows) = delta_rows(&[false, true, false], &row_slot).unwrap();
+        assert_eq!(table, vec![1]);
+        assert_eq!(rows, vec![None, None, None, Some(0), None, None, None]);
+        let (table, rows) = delta_rows(&[false; 3], &row_slot).unwrap();
+        assert!(table.is_empty() && rows.iter().all(Option::is_none));
+        assert!(delta_rows(&[true], &[Some(1)]).is_err());
+    }
 
     #[test]
     fn runs_cover_exactly_the_rows_of_a_slot() {
