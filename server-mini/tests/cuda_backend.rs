@@ -538,6 +538,53 @@ fn long_decode_past_the_window_matches_the_cpu_backend() {
     );
 }
 
+/// Experts removed and added between steps: a step's expert tables are
+/// built from the experts loaded at that step (none outlives it), so after
+/// removing "a" and adding a new expert under a new id, steps mixing the
+/// new one, "b" and the base still match the CPU, and the removed id is
+/// refused.
+#[test]
+fn steps_after_removing_and_adding_experts_match_the_cpu_backend() {
+    if !have_gpu() {
+        return;
+    }
+    let seed = 80;
+    let (mut cpu, mut cuda) = pair(None, seed);
+    let c = cpu.config().clone();
+    let src = base_model(&c, seed);
+    let vocab = c.vocab_size;
+    let mut rng = StdRng::seed_from_u64(81);
+    let mut cc = [cpu.new_cache(), cpu.new_cache(), cpu.new_cache()];
+    let mut gc = [cuda.new_cache(), cuda.new_cache(), cuda.new_cache()];
+    let mut run =
+        |cpu: &CpuBackend, cuda: &CudaBackend, experts: [Option<usize>; 3], what: &str| {
+            let seqs: Vec<Seq> = experts
+                .iter()
+                .map(|&e| (tokens(&mut rng, 2, vocab), e, LogitsWanted::From(0)))
+                .collect();
+            let want = step(cpu, &mut cc, &seqs).expect("CPU step");
+            let got = step(cuda, &mut gc, &seqs).expect("CUDA step");
+            for (s, (w, g)) in want.iter().zip(&got).enumerate() {
+                assert_rows_close(&format!("{what} sequence {s}"), w, g, vocab);
+            }
+        };
+    run(&cpu, &cuda, [Some(0), Some(1), None], "before");
+    cpu.remove_expert(0).expect("CPU remove a");
+    cuda.remove_expert(0).expect("CUDA remove a");
+    // The new expert has a's structure (deltas everywhere) with other values.
+    let id_cpu = cpu.add_expert(place(expert_file(&src, &c, "a", seed + 9), &src, &c));
+    let id_gpu = cuda.add_expert(place(expert_file(&src, &c, "a", seed + 9), &src, &c));
+    assert_eq!((id_cpu, id_gpu), (2, 2));
+    run(&cpu, &cuda, [Some(2), Some(1), None], "after");
+    run(&cpu, &cuda, [Some(1), Some(2), Some(2)], "after, swapped");
+    let mut one = [cuda.new_cache()];
+    let old = [(vec![1u32], Some(0), LogitsWanted::Last)];
+    assert!(matches!(
+        step(&cuda, &mut one, &old),
+        Err(ModelError::UnknownExpert(0))
+    ));
+}
+
 /// The router's features agree (after a middle layer and after the final
 /// norm), and bad inputs are the CPU backend's typed errors, with the
 /// caches unchanged by a failed step.
