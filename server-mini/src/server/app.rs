@@ -402,20 +402,17 @@ async fn generate(
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         resp
     } else {
-        let mut choices = Vec::with_capacity(handles.len());
-        let mut completion_tokens = 0;
-        // The engine runs the choices together; their events wait in the
-        // channels while an earlier choice is read.
-        for handle in &mut handles {
-            let done = stream::collect(&mut handle.events, &mut acct).await?;
-            completion_tokens += done.completion_tokens;
-            choices.push(ChoiceOut {
-                text: done.text,
-                finish: responses::finish_reason(done.stop),
-                logprobs: r.logprobs.is_some().then_some(done.logprobs),
-            });
-        }
-        acct.on_done(completion_tokens);
+        let events = handles.into_iter().map(|h| h.events).collect();
+        let done = stream::collect_all(events, &mut acct).await?;
+        let completion_tokens = done.iter().map(|c| c.completion_tokens).sum();
+        let choices: Vec<ChoiceOut> = done
+            .into_iter()
+            .map(|c| ChoiceOut {
+                text: c.text,
+                finish: c.stop.map_or("stop", responses::finish_reason),
+                logprobs: r.logprobs.is_some().then_some(c.logprobs),
+            })
+            .collect();
         let usage = Usage::new(prompt_tokens, completion_tokens);
         let body = responses::completion_body(endpoint, &served, &choices, usage);
         json_response(StatusCode::OK, &body)

@@ -123,42 +123,104 @@ pub fn endpoint_path(e: Endpoint) -> &'static str {
     }
 }
 
+/// The engine channels of a request's `n` choices, read as one stream of
+/// `(choice, event)`. Dropping it (or [`Choices::close`]) cancels every
+/// choice still running.
+struct Choices {
+    events: Vec<UnboundedReceiver<Event>>,
+    done: Vec<bool>,
+    /// The choice polled first next time (round robin: none starves).
+    next: usize,
+}
+
+impl Choices {
+    fn new(events: Vec<UnboundedReceiver<Event>>) -> Choices {
+        Choices {
+            done: vec![false; events.len()],
+            events,
+            next: 0,
+        }
+    }
+
+    /// The next event of a choice not yet done; `Ready(None)` once all are
+    /// (or after `close`). A closed channel is `Some((i, None))`.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, Option<Event>)>> {
+        let n = self.events.len();
+        let mut waiting = false;
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            if self.done[i] {
+                continue;
+            }
+            waiting = true;
+            if let Poll::Ready(e) = self.events[i].poll_recv(cx) {
+                self.next = (i + 1) % n;
+                return Poll::Ready(Some((i, e)));
+            }
+        }
+        if waiting {
+            Poll::Pending
+        } else {
+            Poll::Ready(None)
+        }
+    }
+
+    async fn next(&mut self) -> Option<(usize, Option<Event>)> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Choice `i` sent its last event.
+    fn finish(&mut self, i: usize) {
+        self.done[i] = true;
+    }
+
+    fn all_done(&self) -> bool {
+        self.done.iter().all(|&d| d)
+    }
+
+    /// Lets go of every channel: the engine frees their slots.
+    fn close(&mut self) {
+        self.events.clear();
+        self.done.clear();
+    }
+}
+
 /// The end of one choice of a non-streaming generation.
+#[derive(Debug, Default)]
 pub struct Collected {
     pub text: String,
-    pub stop: StopReason,
+    /// `Some` once the choice is done: always, in what [`collect_all`] returns.
+    pub stop: Option<StopReason>,
     pub completion_tokens: usize,
     pub logprobs: Vec<TokenLogprob>,
 }
 
-/// Reads one choice's events to the end (after `Started`). An engine-side
-/// failure is a 500; [`Accounting::on_done`] is the caller's (once for
-/// all choices).
-pub async fn collect(
-    events: &mut UnboundedReceiver<Event>,
+/// Reads every choice's events to the end (after `Started`), all at once.
+/// The first engine-side failure of any choice is a 500 at once, and the
+/// other choices are cancelled with it.
+pub async fn collect_all(
+    events: Vec<UnboundedReceiver<Event>>,
     acct: &mut Accounting,
-) -> Result<Collected, ApiError> {
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    loop {
-        match events.recv().await {
+) -> Result<Vec<Collected>, ApiError> {
+    let mut out: Vec<Collected> = events.iter().map(|_| Collected::default()).collect();
+    let mut choices = Choices::new(events);
+    while let Some((i, event)) = choices.next().await {
+        let c = &mut out[i];
+        match event {
             Some(Event::Text(t)) => {
                 if !t.is_empty() {
                     acct.on_text();
-                    text.push_str(&t);
+                    c.text.push_str(&t);
                 }
             }
-            Some(Event::Logprob(l)) => logprobs.push(l),
+            Some(Event::Logprob(l)) => c.logprobs.push(l),
             Some(Event::Done {
                 stop,
                 completion_tokens,
             }) => {
-                return Ok(Collected {
-                    text,
-                    stop,
-                    completion_tokens,
-                    logprobs,
-                });
+                c.stop = Some(stop);
+                c.completion_tokens = completion_tokens;
+                choices.finish(i);
             }
             Some(Event::Error(e)) => {
                 acct.on_failed();
@@ -171,19 +233,19 @@ pub async fn collect(
             }
         }
     }
+    acct.on_done(out.iter().map(|c| c.completion_tokens).sum());
+    Ok(out)
 }
 
-/// One choice of a streamed response: its engine events and what it has
-/// sent so far.
-struct ChoiceStream {
-    events: UnboundedReceiver<Event>,
-    done: bool,
+/// What a streamed choice has sent of its logprobs.
+#[derive(Default)]
+struct HeldLogprobs {
     /// Logprobs of tokens whose text is not sent yet (held back for a stop
     /// string): they go out with the next text, or with the finish.
-    logprobs: Vec<TokenLogprob>,
+    tokens: Vec<TokenLogprob>,
     /// Characters of text whose tokens' logprobs were sent (completions'
     /// `text_offset`).
-    logprob_chars: usize,
+    sent_chars: usize,
 }
 
 /// The SSE response body of `n` choices: chunks of each choice as they come,
@@ -197,15 +259,14 @@ struct ChoiceStream {
 /// Any choice failing ends the stream with an error event; the other
 /// receivers are dropped with it, so the engine frees every slot.
 pub struct SseBody {
-    choices: Vec<ChoiceStream>,
+    choices: Choices,
+    held: Vec<HeldLogprobs>,
     served: Served,
     acct: Accounting,
     /// `stream_options.include_usage`: a usage chunk before `[DONE]`.
     include_usage: bool,
     /// Frames ready to send before polling the engine (the openings, the end).
     ready: VecDeque<Bytes>,
-    /// The choice polled first next time (round robin: no choice starves).
-    next: usize,
     completion_tokens: usize,
     finished: bool,
 }
@@ -231,22 +292,13 @@ impl SseBody {
                 ));
             }
         }
-        let choices = events
-            .into_iter()
-            .map(|events| ChoiceStream {
-                events,
-                done: false,
-                logprobs: Vec::new(),
-                logprob_chars: 0,
-            })
-            .collect();
         SseBody {
-            choices,
+            held: events.iter().map(|_| HeldLogprobs::default()).collect(),
+            choices: Choices::new(events),
             served,
             acct,
             include_usage,
             ready,
-            next: 0,
             completion_tokens: 0,
             finished: false,
         }
@@ -256,7 +308,7 @@ impl SseBody {
     /// engine's channels.
     fn end(&mut self, last: Option<Bytes>) {
         self.finished = true;
-        self.choices.clear();
+        self.choices.close();
         self.ready.extend(last);
         self.ready.push_back(Bytes::from_static(SSE_DONE));
     }
@@ -269,11 +321,11 @@ impl SseBody {
     /// A chunk of choice `index`: `text` and the logprobs held for it.
     fn chunk(&mut self, index: usize, text: Option<&str>, finish: Option<&str>) -> Bytes {
         let endpoint = self.acct.endpoint;
-        let c = &mut self.choices[index];
-        let logprobs = (!c.logprobs.is_empty()).then(|| {
-            let tokens = std::mem::take(&mut c.logprobs);
-            let v = logprobs_json(endpoint, &tokens, c.logprob_chars);
-            c.logprob_chars += tokens
+        let held = &mut self.held[index];
+        let logprobs = (!held.tokens.is_empty()).then(|| {
+            let tokens = std::mem::take(&mut held.tokens);
+            let v = logprobs_json(endpoint, &tokens, held.sent_chars);
+            held.sent_chars += tokens
                 .iter()
                 .map(|t| t.sampled.text.chars().count())
                 .sum::<usize>();
@@ -298,7 +350,7 @@ impl SseBody {
                 Some(self.chunk(index, Some(&t), None))
             }
             Some(Event::Logprob(l)) => {
-                self.choices[index].logprobs.push(l);
+                self.held[index].tokens.push(l);
                 None
             }
             Some(Event::Started { .. }) => None,
@@ -307,9 +359,9 @@ impl SseBody {
                 completion_tokens,
             }) => {
                 self.completion_tokens += completion_tokens;
-                self.choices[index].done = true;
+                self.choices.finish(index);
                 let frame = self.chunk(index, None, Some(finish_reason(stop)));
-                if self.choices.iter().all(|c| c.done) {
+                if self.choices.all_done() {
                     self.acct.on_done(self.completion_tokens);
                     let usage = self.include_usage.then(|| {
                         let usage = Usage::new(self.acct.prompt_tokens, self.completion_tokens);
@@ -348,20 +400,12 @@ impl Body for SseBody {
             if this.finished {
                 return Poll::Ready(None);
             }
-            let n = this.choices.len();
-            let polled = (0..n).map(|k| (this.next + k) % n).find_map(|i| {
-                if this.choices[i].done {
-                    return None;
-                }
-                match this.choices[i].events.poll_recv(cx) {
-                    Poll::Pending => None,
-                    Poll::Ready(e) => Some((i, e)),
-                }
-            });
-            let Some((i, event)) = polled else {
-                return Poll::Pending;
+            let (i, event) = match this.choices.poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(e)) => e,
+                // Every choice is done: `on_event` has ended the stream.
+                Poll::Ready(None) => return Poll::Ready(None),
             };
-            this.next = (i + 1) % n;
             if let Some(b) = this.on_event(i, event) {
                 // Before any `end` frames `on_event` queued.
                 this.ready.push_front(b);
@@ -525,6 +569,42 @@ mod tests {
             .contains("boom"));
         assert!(tx.iter().all(|t| t.is_closed()), "every slot is freed");
         assert_eq!(metrics.disconnects.get(&["/v1/chat/completions"]), 0);
+    }
+
+    #[tokio::test]
+    async fn collect_all_reads_choices_together_and_fails_at_the_first_error() {
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = channels(2);
+        tx[1].send(Event::Text("b".into())).unwrap();
+        tx[0].send(Event::Logprob(logprob("a"))).unwrap();
+        tx[0].send(Event::Text("a".into())).unwrap();
+        for t in &tx {
+            t.send(Event::Done {
+                stop: StopReason::MaxTokens,
+                completion_tokens: 1,
+            })
+            .unwrap();
+        }
+        let mut a = acct(&metrics, Endpoint::Chat);
+        let out = collect_all(rx, &mut a).await.unwrap();
+        let texts: Vec<&str> = out.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(texts, ["a", "b"], "in choice order");
+        assert_eq!((out[0].logprobs.len(), out[1].logprobs.len()), (1, 0));
+        assert_eq!(out[1].stop, Some(StopReason::MaxTokens));
+        assert_eq!(metrics.completion_tokens.get(&["expert-00"]), 2);
+
+        // Choice 0 never ends; choice 1's error ends the request at once and
+        // cancels choice 0.
+        let (tx, rx) = channels(2);
+        tx[1].send(Event::Error("boom".into())).unwrap();
+        let mut a = acct(&metrics, Endpoint::Chat);
+        let waited = std::time::Duration::from_secs(10);
+        let e = tokio::time::timeout(waited, collect_all(rx, &mut a))
+            .await
+            .expect("no wait for choice 0")
+            .unwrap_err();
+        assert_eq!(e.status.as_u16(), 500);
+        assert!(tx[0].is_closed(), "choice 0's slot is freed");
     }
 
     #[tokio::test]
