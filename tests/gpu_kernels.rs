@@ -29,10 +29,20 @@
 //! data keeps Δ̂ the same size as the base (not the ~1% of real deltas), so a
 //! wrong code, group, salient column or expert moves the output by far more
 //! than this bound and fails.
+//!
+//! # Kernel families
+//!
+//! Every GEMV check runs once per [`GemvKernel`]: the 128-column kernel
+//! (verified on an H100) and the wide one (unverified on a GPU until this
+//! file passes on one). Both form each weight with the same FP16 roundings,
+//! so one tolerance serves both; the wide kernel falls back to the
+//! 128-column one for widths that are not whole wide items (256 columns at
+//! INT2, 512 at INT1), which the random widths also draw.
 
 mod gpu_support;
 
 use gpu_support::*;
+use meswitch::ops::GemvKernel;
 
 #[test]
 fn skip_policy_without_a_device() {
@@ -111,9 +121,38 @@ proptest! {
         let table = DeviceExperts::new(gpu, &experts.iter().collect::<Vec<_>>()).unwrap();
         let rows = DeviceRows::upload(gpu, &case.rows, experts.len()).unwrap();
         let x = ops::upload(gpu, &case.x).unwrap();
-        let mut y = ops::upload(gpu, &vec![POISON; batch * out_features]).unwrap();
-        ops::multi_expert_gemv_device(gpu, &base, &table, &x, &rows, &mut y).unwrap();
-        case.assert_close(&download(gpu, &y), None, "multi_expert_gemv");
+        for kernel in GemvKernel::ALL {
+            let mut y = ops::upload(gpu, &vec![POISON; batch * out_features]).unwrap();
+            ops::multi_expert_gemv_device_with(gpu, kernel, &base, &table, &x, &rows, &mut y).unwrap();
+            case.assert_close(&download(gpu, &y), None, &format!("multi_expert_gemv ({})", kernel.name()));
+        }
+    }
+
+    #[test]
+    fn wide_kernel_on_whole_wide_items_matches_reference(
+        out_features in prop_oneof![1usize..=64, Just(333usize)],
+        items in 1usize..=10,
+        group in prop::sample::select(vec![32usize, 64, 128, usize::MAX]),
+        bits in bits(),
+        n_experts in 0usize..=MAX_TEST_EXPERTS,
+        batch in 1usize..=MAX_TEST_BATCH,
+        mix in row_mix(),
+        seed in any::<u64>(),
+    ) {
+        // Widths the wide items cover exactly (no fallback), with few items
+        // per row (fewer than the 8 warps: the kernel's item walk carries
+        // across experts) as well as many.
+        let Some(gpu) = gpu_or_skip() else { return Ok(()) };
+        let in_features = items * GemvKernel::Wide.item_columns(bits);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let case = Case::random(&mut rng, out_features, in_features, bits, group, n_experts, batch, mix);
+        let mut y = vec![POISON; batch * out_features];
+        ops::multi_expert_gemv_with(gpu, GemvKernel::Wide, &case.base(), &case.views(), &case.x, &case.rows, &mut y).unwrap();
+        case.assert_close(&y, None, "multi_expert_gemv (wide, whole items)");
+        let initial: Vec<f16> = (0..y.len()).map(|_| value(&mut rng, 0.01, 4.0)).collect();
+        let mut y = initial.clone();
+        ops::delta_gemv_accumulate_with(gpu, GemvKernel::Wide, out_features, in_features, &case.views(), &case.x, &case.rows, &mut y).unwrap();
+        case.assert_close(&y, Some(&initial), "delta_gemv_accumulate (wide, whole items)");
     }
 
     #[test]
@@ -129,9 +168,11 @@ proptest! {
         let Some(gpu) = gpu_or_skip() else { return Ok(()) };
         let mut rng = StdRng::seed_from_u64(seed);
         let case = Case::random(&mut rng, out_features, in_features, bits, group, n_experts, batch, RowMix::Random);
-        let mut y = vec![POISON; batch * out_features];
-        ops::multi_expert_gemv(gpu, &case.base(), &case.views(), &case.x, &case.rows, &mut y).unwrap();
-        case.assert_close(&y, None, "multi_expert_gemv (host slices)");
+        for kernel in GemvKernel::ALL {
+            let mut y = vec![POISON; batch * out_features];
+            ops::multi_expert_gemv_with(gpu, kernel, &case.base(), &case.views(), &case.x, &case.rows, &mut y).unwrap();
+            case.assert_close(&y, None, &format!("multi_expert_gemv (host slices, {})", kernel.name()));
+        }
     }
 
     #[test]
@@ -153,9 +194,11 @@ proptest! {
         let table = DeviceExperts::new(gpu, &experts.iter().collect::<Vec<_>>()).unwrap();
         let rows = DeviceRows::upload(gpu, &case.rows, experts.len()).unwrap();
         let x = ops::upload(gpu, &case.x).unwrap();
-        let mut y = ops::upload(gpu, &initial).unwrap();
-        ops::delta_gemv_accumulate_device(gpu, out_features, in_features, &table, &x, &rows, &mut y).unwrap();
-        case.assert_close(&download(gpu, &y), Some(&initial), "delta_gemv_accumulate");
+        for kernel in GemvKernel::ALL {
+            let mut y = ops::upload(gpu, &initial).unwrap();
+            ops::delta_gemv_accumulate_device_with(gpu, kernel, out_features, in_features, &table, &x, &rows, &mut y).unwrap();
+            case.assert_close(&download(gpu, &y), Some(&initial), &format!("delta_gemv_accumulate ({})", kernel.name()));
+        }
     }
 
     #[test]
@@ -210,6 +253,20 @@ fn named_edge_cases() {
             32,
             RowMix::EveryRowDifferent,
         ),
+        // Whole wide items with fewer items per row than warps (3 at INT1,
+        // 1 at INT1 with a whole-row group; 9 at INT2), so the wide kernel's
+        // item walk carries across experts.
+        (45, 1536, Bits::One, 64, 5, 40, RowMix::Random),
+        (
+            17,
+            512,
+            Bits::One,
+            usize::MAX,
+            16,
+            64,
+            RowMix::EveryRowDifferent,
+        ),
+        (130, 2304, Bits::Two, 32, 3, 9, RowMix::AllOneExpert),
         // Not multiples of the K chunk: the cuBLAS fallback (576 = SmolLM2's hidden size).
         (17, 576, Bits::Two, 64, 3, 5, RowMix::Random),
         (9, 1, Bits::One, 32, 1, 1, RowMix::AllOneExpert),
@@ -217,17 +274,20 @@ fn named_edge_cases() {
     for (i, &(o, n, bits, g, e, b, mix)) in cases.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(1000 + i as u64);
         let case = Case::random(&mut rng, o, n, bits, g, e, b, mix);
-        let mut y = vec![POISON; b * o];
-        ops::multi_expert_gemv(
-            gpu,
-            &case.base(),
-            &case.views(),
-            &case.x,
-            &case.rows,
-            &mut y,
-        )
-        .unwrap();
-        case.assert_close(&y, None, &format!("edge case {i}"));
+        for kernel in GemvKernel::ALL {
+            let mut y = vec![POISON; b * o];
+            ops::multi_expert_gemv_with(
+                gpu,
+                kernel,
+                &case.base(),
+                &case.views(),
+                &case.x,
+                &case.rows,
+                &mut y,
+            )
+            .unwrap();
+            case.assert_close(&y, None, &format!("edge case {i} ({})", kernel.name()));
+        }
     }
 }
 
@@ -293,30 +353,44 @@ fn mixed_variants_in_one_batch() {
             let layout = DeltaLayout::new(out_features, in_features, bits, group, 3).unwrap();
             case.experts[e + 1] = random_delta(&mut rng, layout);
         }
-        let mut y = vec![POISON; case.batch() * out_features];
-        ops::multi_expert_gemv(
-            gpu,
-            &case.base(),
-            &case.views(),
-            &case.x,
-            &case.rows,
-            &mut y,
-        )
-        .unwrap();
-        case.assert_close(&y, None, "mixed variants (fused)");
-        let initial: Vec<f16> = (0..y.len()).map(|_| value(&mut rng, 0.01, 4.0)).collect();
-        let mut y = initial.clone();
-        ops::delta_gemv_accumulate(
-            gpu,
-            out_features,
-            in_features,
-            &case.views(),
-            &case.x,
-            &case.rows,
-            &mut y,
-        )
-        .unwrap();
-        case.assert_close(&y, Some(&initial), "mixed variants (delta only)");
+        let initial: Vec<f16> = (0..case.batch() * out_features)
+            .map(|_| value(&mut rng, 0.01, 4.0))
+            .collect();
+        for kernel in GemvKernel::ALL {
+            let mut y = vec![POISON; case.batch() * out_features];
+            ops::multi_expert_gemv_with(
+                gpu,
+                kernel,
+                &case.base(),
+                &case.views(),
+                &case.x,
+                &case.rows,
+                &mut y,
+            )
+            .unwrap();
+            case.assert_close(
+                &y,
+                None,
+                &format!("mixed variants (fused, {})", kernel.name()),
+            );
+            let mut y = initial.clone();
+            ops::delta_gemv_accumulate_with(
+                gpu,
+                kernel,
+                out_features,
+                in_features,
+                &case.views(),
+                &case.x,
+                &case.rows,
+                &mut y,
+            )
+            .unwrap();
+            case.assert_close(
+                &y,
+                Some(&initial),
+                &format!("mixed variants (delta only, {})", kernel.name()),
+            );
+        }
     }
 }
 
@@ -487,15 +561,22 @@ fn large_batch_without_cublas_splits_fused_launches() {
         3 * MAX_TEST_BATCH + 5,
         RowMix::Random,
     );
-    let mut y = vec![POISON; case.batch() * case.out_features];
-    ops::multi_expert_gemv(
-        &gpu,
-        &case.base(),
-        &case.views(),
-        &case.x,
-        &case.rows,
-        &mut y,
-    )
-    .unwrap();
-    case.assert_close(&y, None, "batch > MAX_BATCH, no cuBLAS");
+    for kernel in GemvKernel::ALL {
+        let mut y = vec![POISON; case.batch() * case.out_features];
+        ops::multi_expert_gemv_with(
+            &gpu,
+            kernel,
+            &case.base(),
+            &case.views(),
+            &case.x,
+            &case.rows,
+            &mut y,
+        )
+        .unwrap();
+        case.assert_close(
+            &y,
+            None,
+            &format!("batch > MAX_BATCH, no cuBLAS ({})", kernel.name()),
+        );
+    }
 }

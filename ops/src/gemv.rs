@@ -16,6 +16,7 @@ use crate::buffers::{upload as upload_padded, DeviceBase, DeviceDelta};
 use crate::device::Gpu;
 use crate::error::{DriverContext, OpsError};
 use crate::launch;
+pub use crate::plan::GemvKernel;
 
 /// A device array (re-exported so callers need not name cudarc).
 pub type DeviceSlice<T> = CudaSlice<T>;
@@ -160,8 +161,22 @@ impl DeviceRows {
 
 /// `Y = X·W_baseᵀ + X·Δ̂_{e(b)}ᵀ` on device buffers: `x [batch, in]`,
 /// `y [batch, out]`, FP16; one fused launch per `launch::MAX_BATCH` rows.
+/// Runs the default kernel ([`GemvKernel::Chunk128`]).
 pub fn multi_expert_gemv_device(
     gpu: &Gpu,
+    base: &DeviceBase,
+    experts: &DeviceExperts,
+    x: &CudaSlice<f16>,
+    rows: &DeviceRows,
+    y: &mut CudaSlice<f16>,
+) -> Result<(), OpsError> {
+    multi_expert_gemv_device_with(gpu, GemvKernel::default(), base, experts, x, rows, y)
+}
+
+/// [`multi_expert_gemv_device`] with the delta items of `kernel`.
+pub fn multi_expert_gemv_device_with(
+    gpu: &Gpu,
+    kernel: GemvKernel,
     base: &DeviceBase,
     experts: &DeviceExperts,
     x: &CudaSlice<f16>,
@@ -176,12 +191,37 @@ pub fn multi_expert_gemv_device(
     if batch == 0 {
         return Ok(());
     }
-    launch::multi_expert_gemv(gpu, base, experts, x, rows, y)
+    launch::multi_expert_gemv(gpu, kernel, base, experts, x, rows, y)
 }
 
 /// `Y += X·Δ̂_{e(b)}ᵀ` on device buffers; rows with no expert are untouched.
+/// Runs the default kernel ([`GemvKernel::Chunk128`]).
 pub fn delta_gemv_accumulate_device(
     gpu: &Gpu,
+    out_features: usize,
+    in_features: usize,
+    experts: &DeviceExperts,
+    x: &CudaSlice<f16>,
+    rows: &DeviceRows,
+    y: &mut CudaSlice<f16>,
+) -> Result<(), OpsError> {
+    delta_gemv_accumulate_device_with(
+        gpu,
+        GemvKernel::default(),
+        out_features,
+        in_features,
+        experts,
+        x,
+        rows,
+        y,
+    )
+}
+
+/// [`delta_gemv_accumulate_device`] with the delta items of `kernel`.
+#[allow(clippy::too_many_arguments)]
+pub fn delta_gemv_accumulate_device_with(
+    gpu: &Gpu,
+    kernel: GemvKernel,
     out_features: usize,
     in_features: usize,
     experts: &DeviceExperts,
@@ -197,7 +237,7 @@ pub fn delta_gemv_accumulate_device(
     if batch == 0 || rows.active_experts().is_empty() {
         return Ok(());
     }
-    launch::delta_gemv_accumulate(gpu, out_features, in_features, experts, x, rows, y)
+    launch::delta_gemv_accumulate(gpu, kernel, out_features, in_features, experts, x, rows, y)
 }
 
 /// Dense Δ̂ (or `W_base + Δ̂` with a base) as FP16 `[out, in]` on the device.
@@ -236,6 +276,19 @@ pub fn multi_expert_gemv(
     row_expert: &[Option<u32>],
     y: &mut [f16],
 ) -> Result<(), OpsError> {
+    multi_expert_gemv_with(gpu, GemvKernel::default(), base, experts, x, row_expert, y)
+}
+
+/// [`multi_expert_gemv`] with the delta items of `kernel`.
+pub fn multi_expert_gemv_with(
+    gpu: &Gpu,
+    kernel: GemvKernel,
+    base: &BaseView,
+    experts: &[DeltaView],
+    x: &[f16],
+    row_expert: &[Option<u32>],
+    y: &mut [f16],
+) -> Result<(), OpsError> {
     let (o, i, batch) = (base.out_features, base.in_features, row_expert.len());
     check_len("x", batch * i, x.len())?;
     check_len("y", batch * o, y.len())?;
@@ -249,7 +302,7 @@ pub fn multi_expert_gemv(
     let rows = DeviceRows::upload(gpu, row_expert, experts.len())?;
     let d_x = upload(gpu, x)?;
     let mut d_y = upload(gpu, &vec![UNWRITTEN; y.len()])?;
-    multi_expert_gemv_device(gpu, &d_base, &table, &d_x, &rows, &mut d_y)?;
+    multi_expert_gemv_device_with(gpu, kernel, &d_base, &table, &d_x, &rows, &mut d_y)?;
     gpu.stream()
         .memcpy_dtoh(&d_y.slice(..y.len()), y)
         .during("device to host copy")?;
@@ -259,6 +312,30 @@ pub fn multi_expert_gemv(
 /// The delta-only kernel with the reference's signature (host slices).
 pub fn delta_gemv_accumulate(
     gpu: &Gpu,
+    out_features: usize,
+    in_features: usize,
+    experts: &[DeltaView],
+    x: &[f16],
+    row_expert: &[Option<u32>],
+    y: &mut [f16],
+) -> Result<(), OpsError> {
+    delta_gemv_accumulate_with(
+        gpu,
+        GemvKernel::default(),
+        out_features,
+        in_features,
+        experts,
+        x,
+        row_expert,
+        y,
+    )
+}
+
+/// [`delta_gemv_accumulate`] with the delta items of `kernel`.
+#[allow(clippy::too_many_arguments)]
+pub fn delta_gemv_accumulate_with(
+    gpu: &Gpu,
+    kernel: GemvKernel,
     out_features: usize,
     in_features: usize,
     experts: &[DeltaView],
@@ -278,8 +355,9 @@ pub fn delta_gemv_accumulate(
     let rows = DeviceRows::upload(gpu, row_expert, experts.len())?;
     let d_x = upload(gpu, x)?;
     let mut d_y = upload(gpu, y)?;
-    delta_gemv_accumulate_device(
+    delta_gemv_accumulate_device_with(
         gpu,
+        kernel,
         out_features,
         in_features,
         &table,

@@ -22,6 +22,10 @@
 //! common case, the global row ids are used as they are: one launch per
 //! `MESWITCH_MAX_BATCH` rows and no host copies.
 //!
+//! Every pass runs the kernel family the caller picks ([`GemvKernel`]:
+//! the 128-column kernel by default, or the wide one, unverified on a GPU),
+//! where the variant's input width allows it (see `plan.rs`).
+//!
 //! Batches larger than `MESWITCH_MAX_BATCH` (prefill) take the base product
 //! from one cuBLAS GEMM and add the deltas with the delta-only kernel, when
 //! cuBLAS is present (else: one fused launch per `MESWITCH_MAX_BATCH` rows).
@@ -41,7 +45,7 @@ use crate::buffers::{DeviceBase, DeviceDelta};
 use crate::device::Gpu;
 use crate::error::{DriverContext, OpsError};
 use crate::gemv::{upload, DeviceExperts, DeviceRows};
-use crate::plan::{dequant_kernel, group_by_variant, plan, Place, Variant};
+use crate::plan::{dequant_kernel, group_by_variant, plan, GemvKernel, Place, Variant};
 
 /// Row marker for "no expert, base only".
 pub const NO_EXPERT: u32 = abi::MESWITCH_NO_EXPERT;
@@ -253,6 +257,7 @@ fn launch_gemv(
 
 pub(crate) fn multi_expert_gemv(
     gpu: &Gpu,
+    kernel: GemvKernel,
     base: &DeviceBase,
     experts: &DeviceExperts,
     x: &CudaSlice<f16>,
@@ -275,28 +280,16 @@ pub(crate) fn multi_expert_gemv(
         if base_by_cublas && pass.table.is_none() {
             continue;
         }
-        let kernel = if k == 0 && !base_by_cublas {
-            pass.variant.fused_kernel()
-        } else {
-            pass.variant.delta_kernel()
-        };
-        launch_gemv(
-            gpu,
-            kernel,
-            base_ptr,
-            pass,
-            x_ptr,
-            y_ptr,
-            o,
-            i,
-            rows.batch(),
-        )?;
+        let entry = pass.variant.pass_kernel(kernel, k == 0 && !base_by_cublas);
+        launch_gemv(gpu, entry, base_ptr, pass, x_ptr, y_ptr, o, i, rows.batch())?;
     }
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn delta_gemv_accumulate(
     gpu: &Gpu,
+    kernel: GemvKernel,
     out_features: usize,
     in_features: usize,
     experts: &DeviceExperts,
@@ -312,11 +305,11 @@ pub(crate) fn delta_gemv_accumulate(
         .iter()
         .filter(|p| p.table.is_some())
     {
-        let kernel = pass.variant.delta_kernel();
+        let entry = pass.variant.delta_kernel(kernel);
         // The delta kernel ignores `base` (the header allows 0).
         launch_gemv(
             gpu,
-            kernel,
+            entry,
             0,
             pass,
             x_ptr,

@@ -35,4 +35,8 @@ pub use gemv::{
     download, multi_expert_gemv, multi_expert_gemv_device, upload, DeviceExperts, DeviceRows,
     DeviceSlice,
 };
+pub use gemv::{
+    delta_gemv_accumulate_device_with, delta_gemv_accumulate_with, multi_expert_gemv_device_with,
+    multi_expert_gemv_with, GemvKernel,
+};
 pub use launch::NO_EXPERT;

@@ -9,13 +9,63 @@ use meswitch_reference::{Bits, DeltaLayout};
 use crate::error::OpsError;
 use crate::launch::NO_EXPERT;
 
+/// Which GEMV kernel family runs the delta items of a launch. Both compute
+/// the same thing with the same per-weight rounding (only the order of the
+/// f32 sums differs) and take the same launch shape and parameters, so a
+/// GPU session can time one against the other
+/// (`MESWITCH_BENCH_KERNELS`, benches/gemv.rs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GemvKernel {
+    /// Items of 128 input columns (`ptx/kernels/gemv_core.cuh`); verified and
+    /// timed on an H100. The default everywhere.
+    #[default]
+    Chunk128,
+    /// Items of 16 code bytes per lane and row, i.e. 128/256/512 columns for
+    /// INT4/INT2/INT1 (`ptx/kernels/gemv_wide.cuh`). **Unverified on a GPU.**
+    /// A (bits, group) variant whose input width is not whole wide items
+    /// (`meswitch_ptx::gemv_wide_supports_in_features`) runs the 128-column
+    /// kernel instead; so do launches in which no row has an expert.
+    Wide,
+}
+
+impl GemvKernel {
+    pub const ALL: [GemvKernel; 2] = [GemvKernel::Chunk128, GemvKernel::Wide];
+
+    /// Short name, as the bench's `MESWITCH_BENCH_KERNELS` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemvKernel::Chunk128 => "chunk128",
+            GemvKernel::Wide => "wide",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<GemvKernel> {
+        GemvKernel::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Input columns of one delta item of this kernel for `bits`-bit codes:
+    /// 128 for the 128-column kernel; 128, 256 or 512 (INT4, INT2, INT1) for
+    /// the wide one. An input width that is a multiple of it runs this kernel.
+    pub fn item_columns(self, bits: Bits) -> usize {
+        match self {
+            GemvKernel::Chunk128 => abi::MESWITCH_GEMV_K_CHUNK as usize,
+            GemvKernel::Wide => meswitch_ptx::gemv_wide_item_columns(bits.count())
+                .expect("every Bits has a wide item width"),
+        }
+    }
+}
+
 /// A (bits, group) kernel variant, identified by its two GEMV entry points
-/// (named by `meswitch_ptx`, the single source of entry-point names). All
-/// experts of one launch must share it.
+/// (named by `meswitch_ptx`, the single source of entry-point names), and the
+/// two of the wide kernel where the input width allows it. All experts of one
+/// launch must share it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Variant {
     fused: String,
     delta: String,
+    /// `(fused, delta)` entry families of the wide kernel, `None` when the
+    /// input width is not whole wide items (or for the base-only variant).
+    wide: Option<(String, String)>,
 }
 
 impl Variant {
@@ -26,10 +76,13 @@ impl Variant {
                 "no GEMV kernel variant for {bits}-bit codes with group size {group} (in = {inf})"
             ))
         };
+        let wide = meswitch_ptx::multi_expert_gemv_wide_entry(bits, group, inf)
+            .zip(meswitch_ptx::delta_gemv_wide_entry(bits, group, inf));
         Ok(Variant {
             fused: meswitch_ptx::multi_expert_gemv_entry(bits, group, inf)
                 .ok_or_else(unsupported)?,
             delta: meswitch_ptx::delta_gemv_entry(bits, group, inf).ok_or_else(unsupported)?,
+            wide,
         })
     }
 
@@ -44,15 +97,34 @@ impl Variant {
             group_size: g,
             salient: 0,
         })
+        .map(|v| Variant { wide: None, ..v })
         .expect("the 4-bit, group-128 variant exists")
     }
 
-    pub(crate) fn fused_kernel(&self) -> &str {
-        &self.fused
+    /// Entry family of the fused kernel (base + deltas) under `kernel`.
+    pub(crate) fn fused_kernel(&self, kernel: GemvKernel) -> &str {
+        match (&self.wide, kernel) {
+            (Some((fused, _)), GemvKernel::Wide) => fused,
+            _ => &self.fused,
+        }
     }
 
-    pub(crate) fn delta_kernel(&self) -> &str {
-        &self.delta
+    /// Entry family of the delta-only kernel under `kernel`.
+    pub(crate) fn delta_kernel(&self, kernel: GemvKernel) -> &str {
+        match (&self.wide, kernel) {
+            (Some((_, delta)), GemvKernel::Wide) => delta,
+            _ => &self.delta,
+        }
+    }
+
+    /// The entry family one pass launches: the fused kernel for the pass that
+    /// also computes the base, the delta-only one for the others.
+    pub(crate) fn pass_kernel(&self, kernel: GemvKernel, with_base: bool) -> &str {
+        if with_base {
+            self.fused_kernel(kernel)
+        } else {
+            self.delta_kernel(kernel)
+        }
     }
 }
 
@@ -137,14 +209,15 @@ mod tests {
 
     #[test]
     fn kernel_names_follow_the_header() {
+        let k = GemvKernel::default();
         let v = Variant::of(&layout(Bits::Four, 128, 4096)).unwrap();
-        assert_eq!(v.fused_kernel(), "meswitch_multi_expert_gemv_b4_g128");
-        assert_eq!(v.delta_kernel(), "meswitch_delta_gemv_b4_g128");
+        assert_eq!(v.fused_kernel(k), "meswitch_multi_expert_gemv_b4_g128");
+        assert_eq!(v.delta_kernel(k), "meswitch_delta_gemv_b4_g128");
         let row = Variant::of(&layout(Bits::Two, 4096, 4096)).unwrap();
-        assert_eq!(row.delta_kernel(), "meswitch_delta_gemv_b2_grow");
+        assert_eq!(row.delta_kernel(k), "meswitch_delta_gemv_b2_grow");
         assert_eq!(dequant_kernel(Bits::One).unwrap(), "meswitch_dequantize_b1");
         assert_eq!(
-            Variant::base_only().fused_kernel(),
+            Variant::base_only().fused_kernel(k),
             "meswitch_multi_expert_gemv_b4_g128"
         );
     }
@@ -155,16 +228,91 @@ mod tests {
             for &g in meswitch_reference::layout::GROUP_SIZES.iter() {
                 let v = Variant::of(&layout(bits, g, 4096)).unwrap();
                 assert!(v
-                    .fused_kernel()
+                    .fused_kernel(GemvKernel::Chunk128)
                     .ends_with(&format!("_b{}_g{g}", bits.count())));
             }
             let row = Variant::of(&layout(bits, 640, 640)).unwrap();
-            assert!(row.delta_kernel().ends_with("_grow"));
+            assert!(row.delta_kernel(GemvKernel::Chunk128).ends_with("_grow"));
             // Distinct variants are distinct entry points.
             assert_ne!(
                 Variant::of(&layout(bits, 32, 4096)).unwrap(),
                 Variant::of(&layout(bits, 64, 4096)).unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn the_default_kernel_is_the_128_column_one() {
+        assert_eq!(GemvKernel::default(), GemvKernel::Chunk128);
+        for k in GemvKernel::ALL {
+            assert_eq!(GemvKernel::from_name(k.name()), Some(k));
+        }
+        assert_eq!(GemvKernel::from_name("fast"), None);
+    }
+
+    #[test]
+    fn wide_kernel_names_and_fallbacks() {
+        let w = GemvKernel::Wide;
+        for bits in Bits::ALL {
+            let b = bits.count();
+            for (g, tag) in [(32, "32"), (64, "64"), (128, "128"), (14336, "row")] {
+                let v = Variant::of(&layout(bits, g, 14336)).unwrap();
+                assert_eq!(
+                    v.fused_kernel(w),
+                    format!("meswitch_multi_expert_gemv_wide_b{b}_g{tag}")
+                );
+                assert_eq!(
+                    v.delta_kernel(w),
+                    format!("meswitch_delta_gemv_wide_b{b}_g{tag}")
+                );
+                // The same variant under the default kernel: the 128-column entries.
+                assert_eq!(
+                    v.fused_kernel(GemvKernel::Chunk128),
+                    format!("meswitch_multi_expert_gemv_b{b}_g{tag}")
+                );
+                assert_eq!(v.pass_kernel(w, true), v.fused_kernel(w));
+                assert_eq!(v.pass_kernel(w, false), v.delta_kernel(w));
+            }
+        }
+        // 384 columns: whole 128-column items (INT4) but not 256 (INT2) or
+        // 512 (INT1): those fall back to the 128-column kernel.
+        let int4 = Variant::of(&layout(Bits::Four, 128, 384)).unwrap();
+        assert_eq!(
+            int4.fused_kernel(w),
+            "meswitch_multi_expert_gemv_wide_b4_g128"
+        );
+        let int2 = Variant::of(&layout(Bits::Two, 128, 384)).unwrap();
+        assert_eq!(int2.fused_kernel(w), "meswitch_multi_expert_gemv_b2_g128");
+        assert_eq!(int2.delta_kernel(w), "meswitch_delta_gemv_b2_g128");
+        let int1 = Variant::of(&layout(Bits::One, 64, 768)).unwrap();
+        assert_eq!(int1.delta_kernel(w), "meswitch_delta_gemv_b1_g64");
+        assert_eq!(w.item_columns(Bits::One), 512);
+        assert_eq!(w.item_columns(Bits::Two), 256);
+        assert_eq!(w.item_columns(Bits::Four), 128);
+        for bits in Bits::ALL {
+            assert_eq!(GemvKernel::Chunk128.item_columns(bits), 128);
+            // A width of whole items has wide entries; one item short of
+            // whole (when that is still whole 128-column chunks) has not.
+            let item = w.item_columns(bits);
+            assert!(Variant::of(&layout(bits, 128, 3 * item))
+                .unwrap()
+                .wide
+                .is_some());
+            if item > 128 {
+                let short = Variant::of(&layout(bits, 128, 3 * item + 128)).unwrap();
+                assert!(short.wide.is_none());
+            }
+        }
+        // No expert in the launch: nothing for the wide items to do.
+        assert_eq!(
+            Variant::base_only().fused_kernel(w),
+            "meswitch_multi_expert_gemv_b4_g128"
+        );
+        // The wide entry of a variant exists for every batch size.
+        let v = Variant::of(&layout(Bits::Two, 128, 4096)).unwrap();
+        for batch in [1, 8, 9, 64] {
+            let e = meswitch_ptx::gemv_entry_for_batch(v.pass_kernel(w, true), batch).unwrap();
+            assert!(e.starts_with("meswitch_multi_expert_gemv_wide_b2_g128_t"));
         }
     }
 

@@ -10,11 +10,13 @@
 // (which column meets which weight inside the mma) without a GPU. It cannot
 // check the instruction itself, the memory system, or the compiler.
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <vector>
 
 #include "delta_unpack.cuh"
+#include "gemv_wide_geometry.cuh"
 
 namespace {
 
@@ -105,6 +107,72 @@ void load4(const uint16_t* p, uint32_t v[4]) { memcpy(v, p, 16); }
 
 }  // namespace
 
+namespace {
+
+// The wide delta items of one warp (gemv_wide.cuh): items k = warp,
+// warp + WARPS, ... of (active expert i, item c), lane geometry from
+// gemv_wide_geometry.cuh, each 32-column sub-block converted and multiplied
+// like a 128-column item. Adds into acc[n-tile][lane][4].
+void host_wide_delta_items(const MeswitchExpertDelta* experts, const std::vector<uint32_t>& active,
+                           const std::vector<unsigned long long>& rows, uint32_t warp, uint32_t r0,
+                           uint32_t out, uint32_t in, uint32_t batch, uint32_t bits, uint32_t group,
+                           const uint16_t* x, float (*acc)[32][4]) {
+    const uint32_t n_tiles = (batch + 7) / 8, n_per = in / meswitch_wide_item_cols(bits);
+    const uint32_t words_per_row = in * bits / 32, n_groups = group == MESWITCH_GROUP_ROW ? 1 : in / group;
+    const uint32_t n_items = (uint32_t)active.size() * n_per, G = meswitch_wide_lane_groups(bits, group);
+    // The kernel's item walk (no division), checked against k / n_per.
+    uint32_t i = 0, c = 0;
+    meswitch_wide_advance(i, c, warp, n_per);
+    for (uint32_t k = warp; k < n_items; k += MESWITCH_GEMV_WARPS, meswitch_wide_advance(i, c, MESWITCH_GEMV_WARPS, n_per)) {
+        if (i != k / n_per || c != k % n_per) abort();
+        const MeswitchExpertDelta& d = experts[active[i]];
+        const uint16_t* sc = (const uint16_t*)d.scales;
+        const uint16_t* of = (const uint16_t*)d.offsets;
+        const uint32_t* codes = (const uint32_t*)d.codes;
+        for (uint32_t s = 0; s < meswitch_wide_subblocks(bits); ++s) {
+            for (uint32_t q = 0; q < 4; ++q) {
+                for (uint32_t nt = 0; nt < n_tiles; ++nt) {
+                    if (((rows[i] >> (nt * 8)) & 0xFF) == 0) continue;
+                    uint32_t a[2][32][4], bb[2][32][2];
+                    for (uint32_t lane = 0; lane < 32; ++lane) {
+                        uint32_t g = lane / 4, t = lane % 4, b = nt * 8 + g;
+                        uint32_t r[2] = {r0 + g < out ? r0 + g : out - 1, r0 + g + 8 < out ? r0 + g + 8 : out - 1};
+                        uint32_t word = meswitch_wide_lane_word(c, t), grp = meswitch_wide_lane_group0(c, t, bits, group);
+                        uint32_t half[2][4];  // [row lo/hi][a half2 of the octet]
+                        for (int h = 0; h < 2; ++h) {
+                            uint32_t w[4];
+                            memcpy(w, codes + (size_t)r[h] * words_per_row + word, 16);
+                            // The lane's G scale / offset halves of this row, one load each.
+                            uint32_t sv[2] = {0, 0}, ov[2] = {0, 0};
+                            memcpy(sv, sc + (size_t)r[h] * n_groups + grp, 2 * G);
+                            memcpy(ov, of + (size_t)r[h] * n_groups + grp, 2 * G);
+                            uint32_t j = meswitch_wide_local_group(s, bits, group);
+                            meswitch_octet_to_half2x4(meswitch_octet_field(w + s * bits, q, bits), bits, half[h]);
+                            for (int e = 0; e < 4; ++e) {
+                                half[h][e] = dequant_half2(half[h][e], (uint16_t)meswitch_wide_param_bits(sv[0], sv[1], j),
+                                                           (uint16_t)meswitch_wide_param_bits(ov[0], ov[1], j));
+                            }
+                        }
+                        uint32_t col = meswitch_wide_lane_col0(c, t, bits) + s * MESWITCH_WIDE_SUBBLOCK_COLS + 8 * q;
+                        uint32_t xv[4] = {0, 0, 0, 0}, xp[4];
+                        if ((rows[i] >> b) & 1ull) load4(x + (size_t)b * in + col, xv);
+                        meswitch_pair_x_octet(xv, xp);
+                        uint32_t a0[4] = {half[0][0], half[1][0], half[0][1], half[1][1]};
+                        uint32_t a1[4] = {half[0][2], half[1][2], half[0][3], half[1][3]};
+                        memcpy(a[0][lane], a0, 16); memcpy(a[1][lane], a1, 16);
+                        bb[0][lane][0] = xp[0]; bb[0][lane][1] = xp[1];
+                        bb[1][lane][0] = xp[2]; bb[1][lane][1] = xp[3];
+                    }
+                    mma_emulate(acc[nt], a[0], bb[0]);
+                    mma_emulate(acc[nt], a[1], bb[1]);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
 extern "C" {
 
 uint32_t meswitch_host_unpack_code(const uint32_t* row_words, uint32_t col, uint32_t bits) {
@@ -147,12 +215,16 @@ void meswitch_host_dequantize_row(const MeswitchExpertDelta* d, uint32_t r, uint
     for (uint32_t i = 0; i < d->n_salient; ++i) out[sidx[i]] += half_to_float(sval[i]);
 }
 
-// Host emulation of meswitch_gemv_core<bits, group, with_base> over the whole
-// grid; the addresses in *p are host pointers. Returns 0, or 1 when the shape
-// is outside what the kernel accepts.
-int meswitch_host_gemv(const MeswitchGemvParams* p, uint32_t bits, uint32_t group, int with_base) {
+// Host emulation of meswitch_gemv_core<bits, group, with_base, tiles, wide>
+// over the whole grid; the addresses in *p are host pointers. With wide != 0
+// the delta items follow gemv_wide.cuh's geometry (gemv_wide_geometry.cuh:
+// lane columns, code words, grouped scale/offset loads, sub-blocks).
+// Returns 0, or 1 when the shape is outside what the kernel accepts.
+int meswitch_host_gemv_variant(const MeswitchGemvParams* p, uint32_t bits, uint32_t group, int with_base,
+                               int wide) {
     const uint32_t out = p->out_features, in = p->in_features, batch = p->batch;
     if (in % MESWITCH_GEMV_K_CHUNK != 0 || batch == 0 || batch > MESWITCH_MAX_BATCH || out == 0) return 1;
+    if (wide && !meswitch_wide_supports(in, bits)) return 1;
     const uint32_t* row_expert = (const uint32_t*)p->row_expert;
     const MeswitchExpertDelta* experts = (const MeswitchExpertDelta*)p->experts;
     const uint16_t* x = (const uint16_t*)p->x;
@@ -205,7 +277,7 @@ int meswitch_host_gemv(const MeswitchGemvParams* p, uint32_t bits, uint32_t grou
                         }
                     }
                 }
-                for (size_t i = 0; i < active.size(); ++i) {
+                for (size_t i = 0; i < active.size() && !wide; ++i) {
                     const MeswitchExpertDelta& d = experts[active[i]];
                     for (uint32_t q = 0; q < 4; ++q) {
                         for (uint32_t nt = 0; nt < n_tiles; ++nt) {
@@ -247,6 +319,9 @@ int meswitch_host_gemv(const MeswitchGemvParams* p, uint32_t bits, uint32_t grou
                     }
                 }
             }
+            if (wide) {
+                host_wide_delta_items(experts, active, rows, warp, r0, out, in, batch, bits, group, x, acc);
+            }
             for (uint32_t nt = 0; nt < n_tiles; ++nt) {
                 for (uint32_t lane = 0; lane < 32; ++lane) {
                     uint32_t g = lane / 4, t = lane % 4, b = nt * 8 + 2 * t;
@@ -280,6 +355,10 @@ int meswitch_host_gemv(const MeswitchGemvParams* p, uint32_t bits, uint32_t grou
         }
     }
     return 0;
+}
+
+int meswitch_host_gemv(const MeswitchGemvParams* p, uint32_t bits, uint32_t group, int with_base) {
+    return meswitch_host_gemv_variant(p, bits, group, with_base, 0);
 }
 
 }  // extern "C"

@@ -25,11 +25,12 @@ extern "C" {
         group_size: u32,
         out: *mut f32,
     );
-    fn meswitch_host_gemv(
+    fn meswitch_host_gemv_variant(
         p: *const MeswitchGemvParams,
         bits: u32,
         group: u32,
         with_base: i32,
+        wide: i32,
     ) -> i32;
 }
 
@@ -204,6 +205,9 @@ struct GemvCase {
     batch: usize,
     n_experts: usize,
     with_base: bool,
+    /// The wide kernel's delta items (gemv_wide.cuh) instead of the
+    /// 128-column ones; `chunks` must then make whole wide items.
+    wide: bool,
     seed: u64,
 }
 
@@ -216,6 +220,7 @@ fn gemv_case(case: GemvCase) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         batch,
         n_experts,
         with_base,
+        wide,
         seed,
     } = case;
     let in_features = 128 * chunks;
@@ -262,7 +267,15 @@ fn gemv_case(case: GemvCase) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         batch: batch as u32,
         n_experts: n_experts as u32,
     };
-    let rc = unsafe { meswitch_host_gemv(&params, bits.count(), group_tag, with_base as i32) };
+    let rc = unsafe {
+        meswitch_host_gemv_variant(
+            &params,
+            bits.count(),
+            group_tag,
+            with_base as i32,
+            wide as i32,
+        )
+    };
     assert_eq!(rc, 0);
 
     let views: Vec<DeltaView> = experts.iter().map(|a| a.view(layout)).collect();
@@ -310,7 +323,7 @@ proptest! {
     fn emulated_gemv_matches_reference(bits in bits_strategy(), g in 0usize..4, out in 1usize..40,
                                        chunks in 1usize..4, batch in 1usize..=64, n_experts in 0usize..=16,
                                        with_base in any::<bool>(), seed in any::<u64>()) {
-        let (got, want, bound) = gemv_case(GemvCase { bits, group_pick: g, out, chunks, batch, n_experts, with_base, seed });
+        let (got, want, bound) = gemv_case(GemvCase { bits, group_pick: g, out, chunks, batch, n_experts, with_base, wide: false, seed });
         for i in 0..got.len() {
             prop_assert!((got[i] - want[i]).abs() <= bound[i], "elem {}: got {} want {} bound {}", i, got[i], want[i], bound[i]);
         }
@@ -329,6 +342,7 @@ fn emulated_gemv_full_batch() {
             batch: 64,
             n_experts: 5,
             with_base: true,
+            wide: false,
             seed: 42,
         });
         for i in 0..got.len() {
@@ -339,5 +353,80 @@ fn emulated_gemv_full_batch() {
                 want[i]
             );
         }
+    }
+}
+
+/// Chunks of 128 columns in one wide item (gemv_wide_geometry.cuh).
+fn wide_item_chunks(bits: Bits) -> usize {
+    meswitch_ptx::gemv_wide_item_columns(bits.count()).unwrap() / 128
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// The wide kernel's delta items (256/512-column items, grouped
+    /// scale/offset loads, sub-blocks), emulated, == reference within the same
+    /// bound, fused and delta-only; 1 to 3 wide items per row.
+    #[test]
+    fn emulated_wide_gemv_matches_reference(bits in bits_strategy(), g in 0usize..4, out in 1usize..40,
+                                            items in 1usize..4, batch in 1usize..=64, n_experts in 0usize..=16,
+                                            with_base in any::<bool>(), seed in any::<u64>()) {
+        let chunks = items * wide_item_chunks(bits);
+        let (got, want, bound) = gemv_case(GemvCase { bits, group_pick: g, out, chunks, batch, n_experts, with_base, wide: true, seed });
+        for i in 0..got.len() {
+            prop_assert!((got[i] - want[i]).abs() <= bound[i], "elem {}: got {} want {} bound {}", i, got[i], want[i], bound[i]);
+        }
+    }
+}
+
+/// Every (bits, group) of the wide kernel once, with two experts in every
+/// n-tile, so a wrong group index or sub-block word cannot hide in a lucky draw.
+#[test]
+fn emulated_wide_gemv_every_group() {
+    for bits in Bits::ALL {
+        for group_pick in 0..4 {
+            let (got, want, bound) = gemv_case(GemvCase {
+                bits,
+                group_pick,
+                out: 17,
+                chunks: 2 * wide_item_chunks(bits),
+                batch: 24,
+                n_experts: 3,
+                with_base: group_pick % 2 == 0,
+                wide: true,
+                seed: 7 + group_pick as u64,
+            });
+            for i in 0..got.len() {
+                assert!(
+                    (got[i] - want[i]).abs() <= bound[i],
+                    "{bits:?} group {group_pick} elem {i}: {} vs {}",
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+    }
+}
+
+/// The wide emulation refuses widths that are not whole wide items, as the
+/// kernel's host plan does (it routes them to the 128-column kernel).
+#[test]
+fn emulated_wide_gemv_rejects_partial_items() {
+    let params = MeswitchGemvParams {
+        base: 0,
+        experts: 0,
+        row_expert: 0,
+        x: 0,
+        y: 0,
+        out_features: 4,
+        in_features: 384,
+        batch: 1,
+        n_experts: 0,
+    };
+    for (bits, rc) in [(1, 1), (2, 1)] {
+        assert_eq!(
+            unsafe { meswitch_host_gemv_variant(&params, bits, 128, 1, 1) },
+            rc
+        );
     }
 }
