@@ -690,6 +690,23 @@ async fn n_choices_are_seeded_sequences_with_summed_usage() {
             1
         );
     }
+
+    // `auto` routes once; every choice is served by the routed expert.
+    let auto = post(
+        s.addr,
+        "/v1/chat/completions",
+        &chat_body(
+            "auto",
+            "Can you explain integrals to me?",
+            r#","max_tokens":4,"n":2"#,
+        ),
+    )
+    .await;
+    assert_eq!(auto.status, 200, "{}", auto.text());
+    let v = auto.json();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["meswitch_route"]["expert"], v["model"]);
+    assert_eq!(auto.header("x-meswitch-expert"), v["model"].as_str());
     s.shutdown().await;
 }
 

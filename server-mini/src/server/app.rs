@@ -26,7 +26,9 @@ use super::openai::{self, Endpoint};
 use super::prompt::Prompter;
 use super::responses::{self, ChoiceOut, RouteInfo, Served, Usage};
 use super::stream::{self, Accounting, SseBody};
-use crate::engine::{Engine, Event, ExpertChoice, GenRequest, SubmitError, Tier};
+use crate::engine::{
+    Engine, Event, ExpertChoice, GenRequest, RequestHandle, RouteDecision, SubmitError, Tier,
+};
 use crate::sampling::SamplingParams;
 
 pub type ResponseBody = BoxBody<Bytes, std::convert::Infallible>;
@@ -276,6 +278,23 @@ fn submit_error(e: SubmitError, prompt_param: &str) -> ApiError {
     }
 }
 
+/// Waits for a request's `Started`: who serves it, how it was routed, its
+/// prompt length.
+async fn started(
+    handle: &mut RequestHandle,
+) -> Result<(Option<String>, Option<RouteDecision>, usize), ApiError> {
+    match handle.events.recv().await {
+        Some(Event::Started {
+            expert,
+            route,
+            prompt_tokens,
+        }) => Ok((expert, route, prompt_tokens)),
+        Some(Event::Error(e)) => Err(ApiError::internal(format!("generation failed: {e}"))),
+        Some(_) => Err(ApiError::internal("the engine sent text before starting")),
+        None => Err(ApiError::internal("the engine dropped the request")),
+    }
+}
+
 async fn generate(
     state: &Arc<AppState>,
     endpoint: Endpoint,
@@ -331,8 +350,7 @@ async fn generate(
     let seed = r.seed.unwrap_or(id);
     // The n choices are n engine requests; dropping `handles` (an error
     // return, a client gone) cancels every one of them.
-    let mut handles = Vec::with_capacity(r.n);
-    for i in 0..r.n {
+    let submit = |i: usize, choice: ExpertChoice| {
         let params = SamplingParams {
             temperature: r.temperature,
             top_k: r.top_k,
@@ -344,36 +362,27 @@ async fn generate(
         };
         let request = GenRequest {
             prompt: prompt.clone(),
-            choice: choice.clone(),
+            choice,
             params,
             logprobs: r.logprobs,
         };
-        handles.push(
-            state
-                .engine
-                .submit(request)
-                .map_err(|e| submit_error(e, prompt_param))?,
-        );
+        (state.engine.submit(request)).map_err(|e| submit_error(e, prompt_param))
+    };
+    let mut handles = vec![submit(0, choice.clone())?];
+    let (expert, route, prompt_tokens) = started(&mut handles[0]).await?;
+    // `auto` routes once: the other choices go where the first went.
+    let rest = match choice {
+        ExpertChoice::Auto => expert
+            .clone()
+            .map_or(ExpertChoice::Base, ExpertChoice::Named),
+        c => c,
+    };
+    for i in 1..r.n {
+        handles.push(submit(i, rest.clone())?);
     }
-    let mut started = None;
-    for handle in &mut handles {
-        let this = match handle.events.recv().await {
-            Some(Event::Started {
-                expert,
-                route,
-                prompt_tokens,
-            }) => (expert, route, prompt_tokens),
-            Some(Event::Error(e)) => {
-                return Err(ApiError::internal(format!("generation failed: {e}")))
-            }
-            Some(_) => return Err(ApiError::internal("the engine sent text before starting")),
-            None => return Err(ApiError::internal("the engine dropped the request")),
-        };
-        // Choices of `auto` are routed one by one; the router sees the same
-        // prompt each time, so they agree.
-        started.get_or_insert(this);
+    for handle in &mut handles[1..] {
+        started(handle).await?;
     }
-    let (expert, route, prompt_tokens) = started.expect("n ≥ 1 is checked at parsing");
     let model = expert.unwrap_or_else(|| state.base_name.clone());
     let served = Served {
         id: format!("{}-{id}", endpoint.id_prefix()),
