@@ -28,7 +28,7 @@ use residency::Residency;
 use shared::{Command, Pending, Shared};
 use worker::Worker;
 
-pub use logprobs::{log_softmax_top, Candidate, TokenLogprob, MAX_TOP_LOGPROBS};
+pub use logprobs::{Candidate, TokenLogprob, MAX_TOP_LOGPROBS};
 
 /// Engine limits and budgets.
 #[derive(Clone, Debug, PartialEq)]
