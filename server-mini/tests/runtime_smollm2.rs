@@ -23,6 +23,17 @@ fn model() -> Option<&'static LoadedModel> {
         .as_ref()
 }
 
+/// The model loaded for [`Numerics::LlamaCpp`] (keeps the GGUF's blocks).
+fn model_llama_cpp() -> Option<&'static LoadedModel> {
+    static MODEL: OnceLock<Option<LoadedModel>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = testdata::require("SmolLM2 GGUF", testdata::smollm2_gguf())?;
+            Some(load_cpu_with(&path, Numerics::LlamaCpp).expect("load SmolLM2"))
+        })
+        .as_ref()
+}
+
 fn goldens(file: &str) -> Vec<Value> {
     let dir: PathBuf = testdata::smollm2_dir().expect("smollm2 golden folder");
     std::fs::read_to_string(dir.join(file))
@@ -151,9 +162,19 @@ fn golden_tokens_are_in_our_top2_teacher_forced() {
     assert!(outside.len() <= 1, "{outside:?}");
 }
 
-/// Greedy continuations of every golden prompt, compared with llama.cpp's up
-/// to each golden's `robust_prefix_len`; returns the prompts that differ.
-fn greedy_misses(m: &LoadedModel) -> Vec<String> {
+/// How far each greedy continuation is compared with llama.cpp's.
+#[derive(Clone, Copy, PartialEq)]
+enum Compare {
+    /// Up to the golden's `robust_prefix_len` (the tokens before the first
+    /// near-tie): the issue's bar.
+    RobustPrefix,
+    /// Every generated token, the end-of-generation token included.
+    Whole,
+}
+
+/// Greedy continuations of every golden prompt, compared with llama.cpp's;
+/// returns the prompts that differ.
+fn greedy_misses(m: &LoadedModel, compare: Compare) -> Vec<String> {
     let mut misses = Vec::new();
     for g in goldens("generation_goldens.jsonl") {
         let prompt = ids(&g["prompt_ids"]);
@@ -163,9 +184,13 @@ fn greedy_misses(m: &LoadedModel) -> Vec<String> {
             .unwrap();
         assert_eq!(encoded, prompt, "tokenization of {:?}", g["prompt"]);
         let golden = ids(&g["generated_ids"]);
-        let robust = g["robust_prefix_len"].as_u64().unwrap() as usize;
+        let upto = match compare {
+            Compare::RobustPrefix => g["robust_prefix_len"].as_u64().unwrap() as usize,
+            Compare::Whole => g["n_generated"].as_u64().unwrap() as usize,
+        };
+        let golden = &golden[..upto.min(golden.len())];
         let params = SamplingParams {
-            max_tokens: robust,
+            max_tokens: upto,
             ..Default::default()
         };
         let detok = |ids: &[u32]| m.tokenizer.decode(ids, true).map_err(|e| e.to_string());
@@ -179,12 +204,12 @@ fn greedy_misses(m: &LoadedModel) -> Vec<String> {
             |_| {},
         )
         .unwrap();
-        let n = out.ids.len().min(robust);
-        if out.ids[..n] != golden[..robust.min(golden.len())] {
-            let first = out.ids.iter().zip(&golden).position(|(a, b)| a != b);
+        let ours = &out.ids[..out.ids.len().min(upto)];
+        if ours != golden {
+            let first = ours.iter().zip(golden).position(|(a, b)| a != b);
             let margins = &g["step_top1_top2_logit_margin"];
             misses.push(format!(
-                "prompt {}: first difference at {first:?} of {robust} (golden margin there {})",
+                "prompt {}: first difference at {first:?} of {upto} (golden margin there {})",
                 g["id"],
                 first.map_or(Value::Null, |i| margins[i].clone())
             ));
@@ -193,40 +218,26 @@ fn greedy_misses(m: &LoadedModel) -> Vec<String> {
     misses
 }
 
-/// Greedy decoding with llama.cpp's roundings ([`Numerics::LlamaCpp`],
-/// loaded with exact weights). Measured: 2 of 8 prompts differ (5 with
-/// exact numerics), both at near-ties: golden margins 0.060 and 0.066
-/// logits at the flip (the goldens call ≥ 0.05 robust). Against an
-/// independent numpy emulation that reproduces llama.cpp's layer-0 trace to
-/// print precision, our layer 0 agrees to 3e-6 on 4 of 5 tokens; on the 5th
-/// one 8-bit activation code lands on the other side of a rounding boundary
-/// (f32 summation order), which moves the output by 0.03. Such flips are
-/// what remains. So this test guards the measured state (at most 2
-/// misses); [`greedy_continuations_meet_the_issue_target`] is the issue's bar.
-fn greedy_llama_cpp_numerics_misses() -> Option<Vec<String>> {
-    let path = testdata::require("SmolLM2 GGUF", testdata::smollm2_gguf())?;
-    let m = load_cpu_with(&path, Numerics::LlamaCpp).expect("load SmolLM2");
-    let misses = greedy_misses(&m);
+/// Greedy decoding with llama.cpp's arithmetic ([`Numerics::LlamaCpp`]:
+/// ggml's quantized block products, RMSNorm, RoPE, SwiGLU and flash
+/// attention reproduced operation by operation, see
+/// [`llama_cpp_numerics_reproduce_the_layer_trace`]). The issue allows one
+/// prompt of 8 to differ up to its `robust_prefix_len`; measured: none.
+#[test]
+fn greedy_continuations_with_llama_cpp_numerics_meet_the_issue_target() {
+    let Some(m) = model_llama_cpp() else { return };
+    let misses = greedy_misses(m, Compare::RobustPrefix);
     eprintln!("llama-cpp numerics: {} misses {misses:?}", misses.len());
-    Some(misses)
-}
-
-#[test]
-fn greedy_continuations_with_llama_cpp_numerics_at_most_two_misses() {
-    let Some(misses) = greedy_llama_cpp_numerics_misses() else {
-        return;
-    };
-    assert!(misses.len() <= 2, "{misses:?}");
-}
-
-/// The issue's bar: all prompts but at most one. Not met (see above).
-#[test]
-#[ignore = "not met: 2 of 8 prompts differ from llama.cpp, both at golden margins of 0.060-0.066; see above"]
-fn greedy_continuations_meet_the_issue_target() {
-    let Some(misses) = greedy_llama_cpp_numerics_misses() else {
-        return;
-    };
     assert!(misses.len() <= 1, "{misses:?}");
+}
+
+/// Past the near-ties too: with the same arithmetic there is nothing for a
+/// near-tie to flip, so every token of every golden continuation is ours.
+#[test]
+fn greedy_continuations_with_llama_cpp_numerics_are_llama_cpps_whole() {
+    let Some(m) = model_llama_cpp() else { return };
+    let misses = greedy_misses(m, Compare::Whole);
+    assert!(misses.is_empty(), "{misses:?}");
 }
 
 /// The same with exact f32 activations: llama.cpp's 8-bit activations move
@@ -236,12 +247,19 @@ fn greedy_continuations_meet_the_issue_target() {
 #[ignore = "report only: exact numerics are expected to differ from llama.cpp's rounding"]
 fn greedy_continuations_exact_numerics_report() {
     let Some(m) = model() else { return };
-    let misses = greedy_misses(m);
+    let misses = greedy_misses(m, Compare::RobustPrefix);
     eprintln!("exact numerics: {} misses {misses:?}", misses.len());
 }
 
 fn check_perplexity(stem: &str) {
     let Some(m) = model() else { return };
+    let (ppl, want) = perplexity_of(m, stem);
+    let rel = (ppl - want).abs() / want;
+    assert!(rel < 0.02, "{stem}: {ppl} vs {want}");
+}
+
+/// Our perplexity of a golden text by llama.cpp's convention, and llama.cpp's.
+fn perplexity_of(m: &LoadedModel, stem: &str) -> (f64, f64) {
     let dir = testdata::smollm2_dir().unwrap();
     let golden: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join(format!("{stem}.ppl.json"))).unwrap(),
@@ -265,13 +283,12 @@ fn check_perplexity(stem: &str) {
         assert_eq!(w.scored as u64, c["n_scored"].as_u64().unwrap());
     }
     let want = golden["final_ppl"].as_f64().unwrap();
-    let rel = (result.ppl - want).abs() / want;
     eprintln!(
-        "{stem}: perplexity {:.4} vs llama.cpp {want:.4} ({:.2}%)",
+        "{stem}: perplexity {:.4} vs llama.cpp {want:.4} ({:+.2}%)",
         result.ppl,
-        rel * 100.0
+        (result.ppl / want - 1.0) * 100.0
     );
-    assert!(rel < 0.02, "{stem}: {} vs {want}", result.ppl);
+    (result.ppl, want)
 }
 
 #[test]
@@ -282,4 +299,95 @@ fn perplexity_python_execmodel_within_2_percent() {
 #[test]
 fn perplexity_libpng_manual_within_2_percent() {
     check_perplexity("ppl_libpng_manual");
+}
+
+/// Perplexity with [`Numerics::LlamaCpp`]. llama-perplexity evaluates
+/// 256-token batches, for which ggml switches to its tiled flash attention
+/// (f32 accumulator); we reproduce the one-row kernel, so these are close
+/// to llama.cpp's, not equal. Report only.
+#[test]
+#[ignore = "report: about 3 minutes of CPU"]
+fn perplexity_with_llama_cpp_numerics_report() {
+    let Some(m) = model_llama_cpp() else { return };
+    for stem in ["ppl_python_execmodel", "ppl_libpng_manual"] {
+        perplexity_of(m, stem);
+    }
+}
+
+/// `(name, sum)` of every tensor in llama.cpp's eval-callback trace.
+fn trace_sums() -> Vec<(String, f64)> {
+    let dir = testdata::smollm2_dir().expect("smollm2 golden folder");
+    let text =
+        std::fs::read_to_string(dir.join("eval_callback_trace_capital_of_france.txt")).unwrap();
+    let mut out = Vec::new();
+    let mut name = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("common_debug_cb_eval:") {
+            name = rest.split(" = ").next().map(|s| s.trim().to_string());
+        } else if let (Some(v), Some(n)) = (line.trim().strip_prefix("sum = "), &name) {
+            out.push((n.clone(), v.parse().unwrap()));
+        }
+    }
+    out
+}
+
+/// Our sum of a tensor the way the eval callback prints it: f32, in
+/// order, over the rows the trace holds.
+fn f32_sum(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |a, b| a + b)
+}
+
+/// llama.cpp's eval-callback trace prints every tensor's f32 sum to 6
+/// decimals. An f32 sum of ~2900 values moves with a change of one ulp in
+/// any of them often enough that 32 sums agreeing to the last printed digit
+/// means the same bits, and a single different rounding anywhere (a
+/// reduction order, a fused multiply-add, an FP16 tie) shows within a layer
+/// or two and then grows (measured while building this: a RoPE without
+/// ggml's FMA pattern diverged at layer 9, attention scores summed in HF
+/// rather than GGUF head order at layer 10). Checked: every layer's output,
+/// the final norm, and the logits.
+#[test]
+fn llama_cpp_numerics_reproduce_the_layer_trace() {
+    let Some(m) = model_llama_cpp() else { return };
+    let cpu = &m.backend;
+    let tokens = [504u32, 3575, 282, 4649, 314];
+    let (n, hd) = (cpu.config().num_layers, cpu.config().hidden_size);
+    let layers: Vec<usize> = (0..=n).collect();
+    let states = cpu.hidden_states_at(&tokens, &layers).unwrap();
+    let mut cache = cpu.new_cache();
+    let logits = cpu
+        .forward(&mut [SeqStep {
+            tokens: &tokens,
+            cache: &mut cache,
+            expert: None,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap()
+        .remove(0);
+    let sums = trace_sums();
+    let want = |name: &str| -> String {
+        let (_, v) = sums
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} in the trace"));
+        format!("{v:.6}")
+    };
+    let last_row = |h: &[f32]| h[(tokens.len() - 1) * hd..].to_vec();
+    let mut checked = Vec::new();
+    for (l, h) in states.iter().enumerate() {
+        // llama.cpp keeps only the last row from the last layer on.
+        let (name, ours) = match l {
+            l if l == n => ("result_norm".to_string(), f32_sum(&last_row(h))),
+            l if l == n - 1 => (format!("l_out-{l}"), f32_sum(&last_row(h))),
+            l => (format!("l_out-{l}"), f32_sum(h)),
+        };
+        checked.push((want(&name), format!("{ours:.6}"), name));
+    }
+    checked.push((
+        want("result_output"),
+        format!("{:.6}", f32_sum(&logits)),
+        "result_output".into(),
+    ));
+    let differ: Vec<_> = checked.iter().filter(|(w, o, _)| w != o).collect();
+    assert!(differ.is_empty(), "(llama.cpp, ours, tensor): {differ:?}");
 }

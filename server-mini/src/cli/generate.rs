@@ -13,7 +13,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::generate::generate;
 use crate::model::cuda::CudaBackend;
 use crate::model::load::load_cuda;
-use crate::model::{load_cpu, Backend, LoadedModel, ModelError};
+use crate::model::{load_cpu_with, Backend, LoadedModel, ModelError, Numerics};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 
@@ -41,13 +41,19 @@ pub struct CudaModel {
 
 /// Loads the model on `device` and, when given, its expert; returns the
 /// expert's id. `Auto` falls back to the CPU only when there is no device
-/// (any other CUDA failure is an error).
+/// (any other CUDA failure is an error). llama.cpp's numerics exist on the
+/// CPU only, so they choose it under `Auto` and refuse `Cuda`.
 pub fn load_on(
     device: Device,
+    numerics: Numerics,
     model: &Path,
     expert: Option<&Path>,
 ) -> anyhow::Result<(Loaded, Option<usize>)> {
+    if numerics != Numerics::Exact && device == Device::Cuda {
+        anyhow::bail!("--numerics {numerics} computes on the CPU; drop --device cuda");
+    }
     let cuda = match device {
+        _ if numerics != Numerics::Exact => None,
         Device::Cpu => None,
         Device::Cuda => Some(load_cuda(model)),
         Device::Auto => match load_cuda(model) {
@@ -59,7 +65,7 @@ pub fn load_on(
         },
     };
     let Some(cuda) = cuda else {
-        let (m, id) = load_with_expert(model, expert)?;
+        let (m, id) = load_with_expert(model, expert, numerics)?;
         return Ok((Loaded::Cpu(Box::new(m)), id));
     };
     let (mut backend, tokenizer) =
@@ -93,6 +99,10 @@ pub struct GenerateArgs {
     chat: bool,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// `exact` (f32), or `llama-cpp`: llama.cpp's CPU arithmetic on a
+    /// GGUF's Q4_1/Q8_0 tensors, bit for bit, to compare with llama.cpp.
+    #[arg(long, default_value_t = Numerics::Exact)]
+    numerics: Numerics,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -134,12 +144,15 @@ impl SamplingArgs {
     }
 }
 
-/// Loads the model and, when given, its expert; returns the expert's id.
+/// Loads the model on the CPU and, when given, its expert; returns the
+/// expert's id.
 pub fn load_with_expert(
     model: &Path,
     expert: Option<&Path>,
+    numerics: Numerics,
 ) -> anyhow::Result<(LoadedModel, Option<usize>)> {
-    let mut m = load_cpu(model).with_context(|| format!("loading {}", model.display()))?;
+    let mut m =
+        load_cpu_with(model, numerics).with_context(|| format!("loading {}", model.display()))?;
     let id = match expert {
         Some(p) => Some(
             m.backend
@@ -165,7 +178,12 @@ impl Run for GenerateArgs {
         } else {
             self.prompt.clone()
         };
-        let (loaded, expert) = load_on(self.device, &self.model, self.expert.as_deref())?;
+        let (loaded, expert) = load_on(
+            self.device,
+            self.numerics,
+            &self.model,
+            self.expert.as_deref(),
+        )?;
         match &loaded {
             Loaded::Cpu(m) => {
                 run_generate(&m.backend, &m.tokenizer, self.chat, &prompt, expert, params)

@@ -137,17 +137,6 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// The `m` (block minimum) of every Q4_1 block in `bytes`, in block order.
-/// llama.cpp's Q4_1 dot product adds `m · s` per block, `s` being the
-/// activation block's FP16-rounded sum; [`crate::model::Numerics::LlamaCpp`]
-/// needs `m` to reproduce that term's rounding.
-pub fn q4_1_mins(bytes: &[u8]) -> Vec<half::f16> {
-    bytes
-        .chunks_exact(Q4_1_BYTES)
-        .map(|b| f16::from_le_bytes([b[2], b[3]]))
-        .collect()
-}
-
 fn dequant_q4_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let qs = &b[2..];

@@ -41,8 +41,8 @@ const DEFAULT_ROPE_THETA: f64 = 10_000.0;
 const DEFAULT_RMS_EPS: f64 = 1e-5;
 
 /// Row permutation inverse (see module docs). `w` is `[rows, row_len]` row-major.
-pub(super) fn unpermute_rope_rows(
-    w: &mut [f32],
+pub(super) fn unpermute_rope_rows<T: Copy>(
+    w: &mut [T],
     row_len: usize,
     n_head: usize,
 ) -> Result<(), String> {

@@ -351,25 +351,23 @@ impl GgufFile {
         Ok(w)
     }
 
-    /// For a Q4_1 matrix: the block minimum of each 32-weight block, `[rows, row_len / 32]`
-    /// in HF row order (Q/K RoPE permutation undone like [`Self::tensor_f32`]); `None` for
-    /// every other type.
-    pub fn tensor_q4_1_mins(&self, name: &str) -> Result<Option<Vec<half::f16>>, GgufError> {
+    /// For a 2-D `Q4_1` or `Q8_0` tensor: its ggml blocks as stored (`[rows][row_len / 32]`
+    /// blocks, each row's bytes contiguous), in HF row order (the Q/K RoPE permutation undone
+    /// like [`Self::tensor_f32`]: rows move as wholes); `None` for every other type.
+    /// [`crate::model::Numerics::LlamaCpp`] computes on these exactly as ggml does.
+    pub fn tensor_blocks(&self, name: &str) -> Result<Option<(GgmlType, Vec<u8>)>, GgufError> {
         let t = self
             .tensor_info(name)
             .ok_or_else(|| GgufError::NoTensor(name.to_string()))?;
-        if t.dtype != GgmlType::Q4_1 || t.shape.len() != 2 {
+        if !matches!(t.dtype, GgmlType::Q4_1 | GgmlType::Q8_0) || t.shape.len() != 2 {
             return Ok(None);
         }
-        let mins = dequant::q4_1_mins(self.tensor_bytes(name)?);
-        let Some(n_head) = self.rope_permuted_heads(name)? else {
-            return Ok(Some(mins));
-        };
-        // Rows move as wholes, so the per-row block minima move with them.
-        let blocks_per_row = t.shape[0] / QK;
-        let mut as_f32: Vec<f32> = mins.iter().map(|m| m.to_f32()).collect();
-        hf::unpermute_rope_rows(&mut as_f32, blocks_per_row, n_head).map_err(|p| bad(name, p))?;
-        Ok(Some(as_f32.into_iter().map(half::f16::from_f32).collect()))
+        let mut bytes = self.tensor_bytes(name)?.to_vec();
+        if let Some(n_head) = self.rope_permuted_heads(name)? {
+            let row_bytes = t.shape[0] / QK * t.dtype.block_bytes();
+            hf::unpermute_rope_rows(&mut bytes, row_bytes, n_head).map_err(|p| bad(name, p))?;
+        }
+        Ok(Some((t.dtype, bytes)))
     }
 
     /// [`Self::tensor_f32`] rounded to f16 (the runtime keeps base weights in FP16).

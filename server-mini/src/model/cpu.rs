@@ -19,12 +19,13 @@
 use std::collections::BTreeMap;
 
 use meswitch_reference::container::BaseIdentity;
-use meswitch_reference::BaseView;
 
 use super::experts::{Expert, ExpertMatrix, ExpertParser};
 use super::kv_window;
 use super::linear::{multi_expert_linear, ExpertLinear};
-use super::numerics::{add_q4_1_sum_term, attention_llama_cpp, round_f16, round_q8_rows, Numerics};
+use super::numerics::{
+    attention_llama_cpp, ggml_ops, round_f16, to_gguf_head_order, Numerics, Q8Rows,
+};
 use super::ops::{attention, rms_norm, rope, rope_inv_freq, swiglu, AttnShape, Query};
 use super::weights::{Matrix, Proj, WeightSource, Weights};
 use super::{Backend, ExpertId, LogitsWanted, ModelConfig, ModelError, SeqStep};
@@ -209,36 +210,33 @@ impl CpuBackend {
             })
             .collect();
         let mut y = vec![0f32; rows.len() * base.out_features];
-        if self.numerics == Numerics::LlamaCpp {
-            let mut xq = x.to_vec();
-            let corrections = round_q8_rows(&mut xq, base.in_features);
-            multi_expert_linear(&base.view(), &list, &xq, &row_expert, &mut y)?;
-            // Rows on a dense expert replacement never touch the base.
-            let uses_base = |r: usize| match row_expert[r] {
-                None => true,
-                Some(e) => matches!(list[e as usize], ExpertLinear::Delta(_)),
-            };
-            if let Some(lo) = &base.f16_residual {
-                let view = BaseView {
-                    out_features: base.out_features,
-                    in_features: base.in_features,
-                    weights: lo,
-                };
-                let mut part = vec![0f32; y.len()];
-                let none = vec![None; rows.len()];
-                multi_expert_linear(&view, &[], &xq, &none, &mut part)?;
-                let out = base.out_features;
-                for (r, (yr, pr)) in y.chunks_mut(out).zip(part.chunks(out)).enumerate() {
-                    if uses_base(r) {
-                        add_in_place(yr, pr);
-                    }
-                }
-            }
-            if let Some(mins) = &base.q4_1_mins {
-                add_q4_1_sum_term(&mut y, base.out_features, mins, &corrections, uses_base);
-            }
-        } else {
+        let ggml = match (self.numerics, &base.ggml) {
+            (Numerics::LlamaCpp, Some(blocks)) => Some(blocks),
+            _ => None,
+        };
+        // Under llama.cpp's numerics, rows on the base get ggml's product of
+        // the stored blocks; rows on an expert keep the exact one (llama.cpp
+        // has no experts).
+        let on_base: Vec<usize> = match ggml {
+            Some(_) => (0..rows.len())
+                .filter(|&r| row_expert[r].is_none())
+                .collect(),
+            None => Vec::new(),
+        };
+        if on_base.len() < rows.len() {
             multi_expert_linear(&base.view(), &list, x, &row_expert, &mut y)?;
+        }
+        if let Some(blocks) = ggml {
+            let (inp, out) = (base.in_features, base.out_features);
+            let xb: Vec<f32> = on_base
+                .iter()
+                .flat_map(|&r| x[r * inp..(r + 1) * inp].iter().copied())
+                .collect();
+            let mut yb = vec![0f32; on_base.len() * out];
+            blocks.matmul(&Q8Rows::quantize(&xb, inp), &mut yb);
+            for (&r, src) in on_base.iter().zip(yb.chunks(out)) {
+                y[r * out..(r + 1) * out].copy_from_slice(src);
+            }
         }
         Ok(y)
     }
@@ -256,7 +254,10 @@ impl CpuBackend {
             let w = e
                 .and_then(|id| pick(self.expert(id)))
                 .map_or(base, |v| v.as_slice());
-            rms_norm(x, w, self.config.rms_norm_eps, y);
+            match self.numerics {
+                Numerics::Exact => rms_norm(x, w, self.config.rms_norm_eps, y),
+                Numerics::LlamaCpp => ggml_ops::rms_norm(x, w, self.config.rms_norm_eps, y),
+            }
         }
         out
     }
@@ -304,17 +305,15 @@ impl CpuBackend {
             let tok = tok as usize;
             match e.and_then(|id| self.expert(id).embed.as_ref()) {
                 Some(m) => m.row(&self.weights.embed, tok, dst),
-                None => {
-                    let src = &self.weights.embed.weights[tok * hd..(tok + 1) * hd];
-                    for (d, w) in dst.iter_mut().zip(src) {
-                        *d = w.to_f32();
-                    }
-                    if let Some(lo) = &self.weights.embed.f16_residual {
-                        for (d, w) in dst.iter_mut().zip(&lo[tok * hd..(tok + 1) * hd]) {
-                            *d += w.to_f32();
+                None => match (&self.weights.embed.ggml, self.numerics) {
+                    (Some(blocks), Numerics::LlamaCpp) => blocks.dequantize_row(tok, dst),
+                    _ => {
+                        let src = &self.weights.embed.weights[tok * hd..(tok + 1) * hd];
+                        for (d, w) in dst.iter_mut().zip(src) {
+                            *d = w.to_f32();
                         }
                     }
-                }
+                },
             }
         }
 
@@ -335,25 +334,25 @@ impl CpuBackend {
             let mut q = self.linear(&lw.proj[Proj::Q.index()], proj(Proj::Q), &x, &rows)?;
             let mut k = self.linear(&lw.proj[Proj::K.index()], proj(Proj::K), &x, &rows)?;
             let mut v = self.linear(&lw.proj[Proj::V.index()], proj(Proj::V), &x, &rows)?;
-            for (t, &pos) in row_pos.iter().enumerate() {
-                rope(
-                    &mut q[t * q_dim..(t + 1) * q_dim],
-                    c.head_dim,
-                    pos,
-                    &self.inv_freq,
-                );
-                rope(
-                    &mut k[t * kv_dim..(t + 1) * kv_dim],
-                    c.head_dim,
-                    pos,
-                    &self.inv_freq,
-                );
-            }
             let llama_cpp = self.numerics == Numerics::LlamaCpp;
+            for (t, &pos) in row_pos.iter().enumerate() {
+                let qr = &mut q[t * q_dim..(t + 1) * q_dim];
+                let kr = &mut k[t * kv_dim..(t + 1) * kv_dim];
+                if llama_cpp {
+                    let base = c.rope_theta as f32;
+                    ggml_ops::rope(qr, c.head_dim, pos, base);
+                    ggml_ops::rope(kr, c.head_dim, pos, base);
+                } else {
+                    rope(qr, c.head_dim, pos, &self.inv_freq);
+                    rope(kr, c.head_dim, pos, &self.inv_freq);
+                }
+            }
             if llama_cpp {
-                // llama.cpp's FP16 KV cache.
+                // llama.cpp's FP16 KV cache, and its element order for Q and K.
                 round_f16(&mut k);
                 round_f16(&mut v);
+                to_gguf_head_order(&mut q, c.head_dim);
+                to_gguf_head_order(&mut k, c.head_dim);
             }
             for (t, &s) in row_seq.iter().enumerate() {
                 let cache = &mut *batch[s].cache;
@@ -393,7 +392,11 @@ impl CpuBackend {
             let mut gate =
                 self.linear(&lw.proj[Proj::Gate.index()], proj(Proj::Gate), &x, &rows)?;
             let up = self.linear(&lw.proj[Proj::Up.index()], proj(Proj::Up), &x, &rows)?;
-            swiglu(&mut gate, &up);
+            if llama_cpp {
+                ggml_ops::swiglu(&mut gate, &up, c.intermediate_size);
+            } else {
+                swiglu(&mut gate, &up);
+            }
             let down = self.linear(&lw.proj[Proj::Down.index()], proj(Proj::Down), &gate, &rows)?;
             add_in_place(&mut h, &down);
             after_layer(l, &h);

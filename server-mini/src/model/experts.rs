@@ -134,8 +134,7 @@ impl Expert {
                         out_features: o,
                         in_features: i,
                         weights: values,
-                        q4_1_mins: None,
-                        f16_residual: None,
+                        ggml: None,
                     })
                 }
             })

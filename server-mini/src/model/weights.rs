@@ -10,9 +10,10 @@ use meswitch_reference::BaseView;
 use rayon::prelude::*;
 use serde_json::Value;
 
+use super::numerics::{BlockKind, GgmlBlocks};
 use super::{ModelConfig, ModelError};
 use crate::checkpoint::Checkpoint;
-use crate::gguf::GgufFile;
+use crate::gguf::{GgmlType, GgufFile};
 
 /// Anything that yields tensors by HF name: an HF checkpoint, a GGUF file
 /// (through its HF name map), or an in-memory model in tests.
@@ -29,9 +30,9 @@ pub trait WeightSource: Sync {
             .map(f16::from_f32)
             .collect())
     }
-    /// Q4_1 block minima of a matrix stored as Q4_1 (`[out, in / 32]`), for
-    /// [`super::Numerics::LlamaCpp`]; `None` for any other storage.
-    fn q4_1_mins(&self, _name: &str) -> Result<Option<Vec<f16>>, ModelError> {
+    /// A matrix stored as ggml `Q4_1`/`Q8_0` blocks, as stored (HF row
+    /// order), for [`super::Numerics::LlamaCpp`]; `None` for any other storage.
+    fn ggml_blocks(&self, _name: &str) -> Result<Option<(BlockKind, Vec<u8>)>, ModelError> {
         Ok(None)
     }
     /// The identity experts are checked against.
@@ -106,14 +107,23 @@ impl WeightSource for GgufSource {
             .tensor_f32(gguf)
             .map_err(|e| ModelError::Source(e.to_string()))
     }
-    fn q4_1_mins(&self, name: &str) -> Result<Option<Vec<f16>>, ModelError> {
+    fn ggml_blocks(&self, name: &str) -> Result<Option<(BlockKind, Vec<u8>)>, ModelError> {
         let (gguf, _) = self
             .by_hf
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        self.file
-            .tensor_q4_1_mins(gguf)
-            .map_err(|e| ModelError::Source(e.to_string()))
+        let blocks = self
+            .file
+            .tensor_blocks(gguf)
+            .map_err(|e| ModelError::Source(e.to_string()))?;
+        Ok(blocks.and_then(|(t, bytes)| {
+            let kind = match t {
+                GgmlType::Q4_1 => BlockKind::Q4_1,
+                GgmlType::Q8_0 => BlockKind::Q8_0,
+                _ => return None,
+            };
+            Some((kind, bytes))
+        }))
     }
 }
 
@@ -213,25 +223,16 @@ pub mod names {
     }
 }
 
-/// Weights per Q4_1 block (ggml `QK4_1`).
-pub const Q4_1_BLOCK: usize = 32;
-
 /// A dense FP16 matrix `[out, in]`, row-major.
 #[derive(Clone, Debug)]
 pub struct Matrix {
     pub out_features: usize,
     pub in_features: usize,
     pub weights: Vec<f16>,
-    /// When loaded for [`super::Numerics::LlamaCpp`] from a Q4_1 source: each
-    /// 32-weight block's minimum `[out, in / 32]`; `None` otherwise.
-    pub q4_1_mins: Option<Vec<f16>>,
-    /// `w − fp16(w)` rounded to FP16, when loaded for
-    /// [`super::Numerics::LlamaCpp`]: `weights + residual` carries ~22
-    /// significant bits, enough for the exact values of Q8_0/Q4_1 blocks
-    /// that FP16 alone rounds (llama.cpp multiplies the exact values, and
-    /// its 8-bit activation rounding turns such small differences into
-    /// whole quantization steps downstream).
-    pub f16_residual: Option<Vec<f16>>,
+    /// The matrix as stored in a GGUF file's `Q4_1`/`Q8_0` blocks, when
+    /// loaded for [`super::Numerics::LlamaCpp`] (which multiplies those, not
+    /// the FP16 copy); `None` otherwise.
+    pub ggml: Option<GgmlBlocks>,
 }
 
 impl Matrix {
@@ -283,18 +284,7 @@ fn load_matrix(
     for_llama_cpp: bool,
 ) -> Result<Matrix, ModelError> {
     check_shape(shapes, name, &shape)?;
-    let (weights, f16_residual) = if for_llama_cpp {
-        let exact = src.tensor_f32(name)?;
-        let hi: Vec<f16> = exact.iter().map(|&w| f16::from_f32(w)).collect();
-        let lo = exact
-            .iter()
-            .zip(&hi)
-            .map(|(&w, h)| f16::from_f32(w - h.to_f32()))
-            .collect();
-        (hi, Some(lo))
-    } else {
-        (src.tensor_f16(name)?, None)
-    };
+    let weights = src.tensor_f16(name)?;
     if weights.len() != shape[0] * shape[1] {
         return Err(ModelError::TensorShape {
             name: name.to_string(),
@@ -302,27 +292,19 @@ fn load_matrix(
             found: vec![weights.len()],
         });
     }
-    // Only llama.cpp's numerics read the block minima.
-    let q4_1_mins = if for_llama_cpp {
-        src.q4_1_mins(name)?
-    } else {
-        None
+    // Only llama.cpp's numerics read the stored blocks.
+    let ggml = match for_llama_cpp.then(|| src.ggml_blocks(name)).transpose()? {
+        Some(Some((kind, bytes))) => Some(
+            GgmlBlocks::new(kind, shape[0], shape[1], bytes)
+                .map_err(|e| ModelError::Source(format!("{name}: {e}")))?,
+        ),
+        _ => None,
     };
-    if let Some(m) = &q4_1_mins {
-        if shape[1] % Q4_1_BLOCK != 0 || m.len() != shape[0] * shape[1] / Q4_1_BLOCK {
-            return Err(ModelError::TensorShape {
-                name: format!("{name} (Q4_1 block minima)"),
-                expected: vec![shape[0], shape[1] / Q4_1_BLOCK],
-                found: vec![m.len()],
-            });
-        }
-    }
     Ok(Matrix {
         out_features: shape[0],
         in_features: shape[1],
         weights,
-        q4_1_mins,
-        f16_residual,
+        ggml,
     })
 }
 
@@ -351,9 +333,8 @@ impl Weights {
         Weights::load_with(src, c, false)
     }
 
-    /// [`Self::load`], keeping each matrix's [`Matrix::f16_residual`] when
-    /// `for_llama_cpp`, and Q4_1 block minima (for [`super::Numerics::LlamaCpp`];
-    /// twice the memory).
+    /// [`Self::load`], keeping each matrix's stored ggml blocks
+    /// ([`Matrix::ggml`]) when `for_llama_cpp`.
     pub fn load_with(
         src: &dyn WeightSource,
         c: &ModelConfig,
