@@ -155,4 +155,25 @@ fn compressed_expert_equals_its_decompressed_checkpoint() {
         "x"
     ])
     .is_err());
+    // llama.cpp's numerics run on the CPU (on a checkpoint without ggml
+    // blocks they are the exact ones); they refuse a CUDA device outright.
+    let with = |numerics: &str, device: &str| {
+        cli(&[
+            "generate",
+            "--model",
+            s(&base),
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "2",
+            "--numerics",
+            numerics,
+            "--device",
+            device,
+        ])
+    };
+    with("llama-cpp", "auto").unwrap();
+    let err = with("llama-cpp", "cuda").unwrap_err().to_string();
+    assert!(err.contains("CPU"), "{err}");
+    assert!(with("fast", "cpu").is_err());
 }
