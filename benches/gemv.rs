@@ -3,7 +3,10 @@
 //!
 //! For every (shape, batch B, distinct experts E, bits) it measures, with
 //! criterion timing CUDA events:
-//! - `fused`: one `multi_expert_gemv` launch (base + every row's delta);
+//! - `fused`: one `multi_expert_gemv` launch (base + every row's delta) with
+//!   the 128-column kernel (`GemvKernel::Chunk128`);
+//! - `fused_wide`: the same launch with the wide kernel (`GemvKernel::Wide`,
+//!   unverified on a GPU until tests/gpu_kernels.rs passes on one);
 //! - `unfused` (baseline a): cuBLAS FP16 GEMM of the base for all rows, then
 //!   per active expert one dequantize launch into a dense FP16 scratch and
 //!   one cuBLAS GEMM accumulating into that expert's rows;
@@ -30,6 +33,7 @@
 //! | `MESWITCH_BENCH_BATCH` | `1,4,16,32` |
 //! | `MESWITCH_BENCH_EXPERTS` | `1,4,16` |
 //! | `MESWITCH_BENCH_BITS` | `1,2,4` |
+//! | `MESWITCH_BENCH_KERNELS` (`chunk128`, `wide`) | `chunk128,wide` |
 //! | `MESWITCH_BENCH_BASELINES` (`0` skips a and b) | `1` |
 //! | `MESWITCH_BENCH_WARMUP_MS`, `MESWITCH_BENCH_MEASURE_MS` | `300`, `1000` |
 //! | `MESWITCH_BENCH_OUT` (CSV, JSON, PNG) | `target/meswitch-bench` |
@@ -46,8 +50,8 @@ use std::time::Duration;
 use criterion::Criterion;
 use half::f16;
 use meswitch::ops::{
-    self, blas, timing, DeviceBase, DeviceDelta, DeviceExperts, DeviceRows, DeviceSlice, Gpu,
-    OpsError,
+    self, blas, timing, DeviceBase, DeviceDelta, DeviceExperts, DeviceRows, DeviceSlice,
+    GemvKernel, Gpu, OpsError,
 };
 use meswitch::reference::{Bits, PackedDelta};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -73,6 +77,7 @@ struct Sweep {
     batches: Vec<usize>,
     experts: Vec<usize>,
     bits: Vec<Bits>,
+    kernels: Vec<GemvKernel>,
     baselines: bool,
     warm_up: Duration,
     measure: Duration,
@@ -115,6 +120,11 @@ impl Sweep {
             bits: env_list("MESWITCH_BENCH_BITS", "1,2,4", |s| {
                 Bits::from_count(s.parse().ok()?).ok()
             }),
+            kernels: env_list(
+                "MESWITCH_BENCH_KERNELS",
+                "chunk128,wide",
+                GemvKernel::from_name,
+            ),
             baselines: std::env::var("MESWITCH_BENCH_BASELINES").map_or(true, |v| v != "0"),
             warm_up: env_ms("MESWITCH_BENCH_WARMUP_MS", 300),
             measure: env_ms("MESWITCH_BENCH_MEASURE_MS", 1000),
@@ -214,6 +224,7 @@ fn replot(json_path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         };
         let variant = match r.get("variant").and_then(|v| v.as_str()) {
             Some("fused") => "fused",
+            Some("fused_wide") => "fused_wide",
             Some("unfused") => "unfused",
             Some("dense") => "dense",
             other => return Err(format!("unknown variant {other:?}").into()),
@@ -340,10 +351,16 @@ fn main() {
                         );
                         records.push(r);
                     };
-                    let t = measure(&mut c, &sweep, &gpu, &format!("{label}/fused"), || {
-                        ops::multi_expert_gemv_device(&gpu, &base, &table, &x, &rows, &mut y)
-                    });
-                    record("fused", t);
+                    for &kernel in &sweep.kernels {
+                        let variant = fused_variant(kernel);
+                        let t =
+                            measure(&mut c, &sweep, &gpu, &format!("{label}/{variant}"), || {
+                                ops::multi_expert_gemv_device_with(
+                                    &gpu, kernel, &base, &table, &x, &rows, &mut y,
+                                )
+                            });
+                        record(variant, t);
+                    }
                     if !sweep.baselines {
                         continue;
                     }
@@ -392,6 +409,15 @@ fn main() {
             sweep.out_dir.display()
         );
         std::process::exit(1);
+    }
+}
+
+/// The record name of a fused launch with `kernel` (`fused` keeps the name
+/// earlier runs' JSON used for the 128-column kernel).
+fn fused_variant(kernel: GemvKernel) -> &'static str {
+    match kernel {
+        GemvKernel::Chunk128 => "fused",
+        GemvKernel::Wide => "fused_wide",
     }
 }
 
@@ -485,7 +511,8 @@ fn load_font() -> bool {
 }
 
 /// One panel per shape: achieved GB/s of the fused kernel per (B, E) for each
-/// bit width, with the measured copy bandwidth and 85% of it as lines.
+/// bit width (circles: 128-column kernel, triangles: wide kernel), with the
+/// measured copy bandwidth and 85% of it as lines.
 fn plot(
     path: &Path,
     device: &str,
@@ -515,7 +542,7 @@ fn plot(
         configs.dedup();
         let y_max = records
             .iter()
-            .filter(|r| (r.out_features, r.in_features) == (o, i) && r.variant == "fused")
+            .filter(|r| (r.out_features, r.in_features) == (o, i) && r.variant.starts_with("fused"))
             .map(Record::gbps)
             .fold(copy_gbps, f64::max)
             * 1.15;
@@ -562,11 +589,16 @@ fn plot(
                     .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
             }
         }
-        for (bits, color) in [1u32, 2, 4].into_iter().zip(colors) {
+        // 128-column kernel: circles; wide kernel: triangles, same colours.
+        for ((bits, color), variant) in [1u32, 2, 4]
+            .into_iter()
+            .zip(colors)
+            .flat_map(|bc| [(bc, "fused"), (bc, "fused_wide")])
+        {
             let points: Vec<(f64, f64)> = records
                 .iter()
                 .filter(|r| {
-                    (r.out_features, r.in_features, r.bits) == (o, i, bits) && r.variant == "fused"
+                    (r.out_features, r.in_features, r.bits) == (o, i, bits) && r.variant == variant
                 })
                 .filter_map(|r| {
                     configs
@@ -579,12 +611,25 @@ fn plot(
                 continue;
             }
             chart.draw_series(LineSeries::new(points.clone(), color))?;
-            let series =
-                chart.draw_series(points.iter().map(|&p| Circle::new(p, 5, color.filled())))?;
-            if labels {
-                series
-                    .label(format!("INT{bits}"))
-                    .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+            if variant == "fused" {
+                let series =
+                    chart.draw_series(points.iter().map(|&p| Circle::new(p, 5, color.filled())))?;
+                if labels {
+                    series
+                        .label(format!("INT{bits}"))
+                        .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+                }
+            } else {
+                let series = chart.draw_series(
+                    points
+                        .iter()
+                        .map(|&p| TriangleMarker::new(p, 6, color.filled())),
+                )?;
+                if labels {
+                    series
+                        .label(format!("INT{bits} wide"))
+                        .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, color.filled()));
+                }
             }
         }
         if labels {
