@@ -316,6 +316,41 @@ mod tests {
         }
     }
 
+    /// A mixed batch under the wide kernel: each pass picks its own
+    /// variant's entry, so one variant may run wide while another (whose
+    /// width is not whole wide items) falls back, in the same call.
+    #[test]
+    fn mixed_variants_under_the_wide_kernel() {
+        let (int2, int4) = (layout(Bits::Two, 128, 384), layout(Bits::Four, 128, 384));
+        let (variants, place) = group_by_variant(&[int2, int4, int2]).unwrap();
+        let passes = plan(&place, variants.len(), &[Some(1), Some(0), None, Some(2)]);
+        let entries: Vec<&str> = passes
+            .iter()
+            .enumerate()
+            .map(|(k, (t, _))| variants[t.unwrap()].pass_kernel(GemvKernel::Wide, k == 0))
+            .collect();
+        // Variants sort by entry name: b2 before b4. The first pass is fused.
+        assert_eq!(
+            entries,
+            vec![
+                "meswitch_multi_expert_gemv_b2_g128",
+                "meswitch_delta_gemv_wide_b4_g128"
+            ]
+        );
+        let default: Vec<&str> = passes
+            .iter()
+            .enumerate()
+            .map(|(k, (t, _))| variants[t.unwrap()].pass_kernel(GemvKernel::default(), k == 0))
+            .collect();
+        assert_eq!(
+            default,
+            vec![
+                "meswitch_multi_expert_gemv_b2_g128",
+                "meswitch_delta_gemv_b4_g128"
+            ]
+        );
+    }
+
     #[test]
     fn mixed_variants_are_planned_one_pass_each() {
         // Experts 0 and 2 share table 0, expert 1 is alone in table 1.
