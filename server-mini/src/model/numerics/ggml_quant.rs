@@ -53,12 +53,25 @@ impl BlockKind {
 }
 
 /// A matrix `[rows, cols]` as ggml blocks, each row's blocks contiguous.
+/// The blocks' FP16 scales (and Q4_1 minima) are also kept widened to f32,
+/// once, because converting them per product cost as much as the product.
 #[derive(Clone, Debug)]
 pub struct GgmlBlocks {
     pub kind: BlockKind,
     pub rows: usize,
     pub cols: usize,
     bytes: Vec<u8>,
+    /// Per block, `d` as f32.
+    scales: Vec<f32>,
+    /// Per block, Q4_1's `m` as f32 (empty for Q8_0).
+    mins: Vec<f32>,
+}
+
+/// One weight row: its blocks and their widened scales and minima.
+struct WeightRow<'a> {
+    blocks: &'a [u8],
+    scales: &'a [f32],
+    mins: &'a [f32],
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -78,11 +91,19 @@ impl GgmlBlocks {
                 bytes.len()
             ));
         }
+        let bb = kind.block_bytes();
+        let scales = bytes.chunks_exact(bb).map(|b| f16_at(b, 0)).collect();
+        let mins = match kind {
+            BlockKind::Q4_1 => bytes.chunks_exact(bb).map(|b| f16_at(b, 2)).collect(),
+            BlockKind::Q8_0 => Vec::new(),
+        };
         Ok(GgmlBlocks {
             kind,
             rows,
             cols,
             bytes,
+            scales,
+            mins,
         })
     }
 
@@ -92,6 +113,18 @@ impl GgmlBlocks {
 
     fn row(&self, r: usize) -> &[u8] {
         &self.bytes[r * self.row_bytes()..(r + 1) * self.row_bytes()]
+    }
+
+    fn weight_row(&self, r: usize) -> WeightRow<'_> {
+        let nb = self.cols / BLOCK;
+        WeightRow {
+            blocks: self.row(r),
+            scales: &self.scales[r * nb..(r + 1) * nb],
+            mins: match self.kind {
+                BlockKind::Q4_1 => &self.mins[r * nb..(r + 1) * nb],
+                BlockKind::Q8_0 => &[],
+            },
+        }
     }
 
     /// Row `r` as f32, as ggml's `dequantize_row_*` (`get_rows`) gives it.
@@ -121,32 +154,38 @@ impl GgmlBlocks {
         assert_eq!(x.cols, self.cols, "activation width");
         assert_eq!(y.len(), x.rows() * self.rows, "output shape");
         let nb = self.cols / BLOCK;
+        #[cfg(target_arch = "x86_64")]
+        let simd = avx2::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
         for (r, yr) in y.chunks_mut(self.rows).enumerate() {
             let xr = x.row(r, nb);
             yr.par_chunks_mut(ROWS_PER_TASK)
                 .enumerate()
                 .for_each(|(t, ys)| {
                     for (i, v) in ys.iter_mut().enumerate() {
-                        *v = self.dot(t * ROWS_PER_TASK + i, &xr);
+                        *v = self.dot(t * ROWS_PER_TASK + i, &xr, simd);
                     }
                 });
         }
     }
 
-    fn dot(&self, o: usize, x: &Q8Row<'_>) -> f32 {
-        let w = self.row(o);
+    /// One output; `simd` only where [`avx2::available`] said so.
+    fn dot(&self, o: usize, x: &Q8Row<'_>, simd: bool) -> f32 {
+        let w = self.weight_row(o);
         #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            // SAFETY: the CPU has AVX2 and FMA (checked), and `w`/`x` hold
-            // the same number of whole blocks (checked by `new`/`quantize`).
+        if simd {
+            // SAFETY: the CPU has AVX2 and FMA (the caller checked), and the
+            // loads stay inside `w`'s and `x`'s whole blocks.
             return unsafe {
                 match self.kind {
-                    BlockKind::Q4_1 => avx2::dot_q4_1(w, x),
-                    BlockKind::Q8_0 => avx2::dot_q8_0(w, x),
+                    BlockKind::Q4_1 => avx2::dot_q4_1(&w, x),
+                    BlockKind::Q8_0 => avx2::dot_q8_0(&w, x),
                 }
             };
         }
-        portable_dot(self.kind, w, x)
+        let _ = simd;
+        portable_dot(self.kind, &w, x)
     }
 }
 
@@ -165,12 +204,12 @@ fn hsum8(a: [f32; LANES]) -> f32 {
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
-fn portable_dot(kind: BlockKind, w: &[u8], x: &Q8Row<'_>) -> f32 {
+fn portable_dot(kind: BlockKind, w: &WeightRow<'_>, x: &Q8Row<'_>) -> f32 {
     let mut acc = [0f32; LANES];
     let mut summs = 0f32;
-    for (b, blk) in w.chunks_exact(kind.block_bytes()).enumerate() {
+    for (b, blk) in w.blocks.chunks_exact(kind.block_bytes()).enumerate() {
         let qx = &x.qs[b * BLOCK..(b + 1) * BLOCK];
-        let d = f16_at(blk, 0) * x.d[b];
+        let d = w.scales[b] * x.d[b];
         let code = |j: usize| -> i32 {
             match kind {
                 BlockKind::Q4_1 => q4_code(&blk[4..], j) as i32,
@@ -184,7 +223,7 @@ fn portable_dot(kind: BlockKind, w: &[u8], x: &Q8Row<'_>) -> f32 {
             *a = d.mul_add(lane as f32, *a);
         }
         if kind == BlockKind::Q4_1 {
-            summs = f16_at(blk, 2).mul_add(x.s[b], summs);
+            summs = w.mins[b].mul_add(x.s[b], summs);
         }
     }
     hsum8(acc) + summs
@@ -254,7 +293,7 @@ mod avx2 {
     //! The same products with ggml's instructions (its AVX2 path, no VNNI).
     use std::arch::x86_64::*;
 
-    use super::{f16_at, hsum8, BlockKind, Q8Row, BLOCK, LANES};
+    use super::{hsum8, BlockKind, Q8Row, WeightRow, BLOCK, LANES};
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
@@ -268,21 +307,23 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_1(w: &[u8], x: &Q8Row<'_>) -> f32 {
+    pub unsafe fn dot_q4_1(w: &WeightRow<'_>, x: &Q8Row<'_>) -> f32 {
         let bb = BlockKind::Q4_1.block_bytes();
         let low_nibbles = _mm256_set1_epi8(0xF);
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         let mut summs = 0f32;
-        for (b, blk) in w.chunks_exact(bb).enumerate() {
-            summs = f16_at(blk, 2).mul_add(x.s[b], summs);
-            let d = _mm256_set1_ps(f16_at(blk, 0) * x.d[b]);
+        let blocks = w.blocks.chunks_exact(bb).zip(x.qs.chunks_exact(BLOCK));
+        let scales = w.scales.iter().zip(w.mins).zip(x.d.iter().zip(x.s));
+        for ((blk, qx), ((&dw, &m), (&dx, &s))) in blocks.zip(scales) {
+            summs = m.mul_add(s, summs);
+            let d = _mm256_set1_ps(dw * dx);
             let packed = _mm_loadu_si128(blk[4..].as_ptr() as *const __m128i);
             let codes = _mm256_and_si256(
                 low_nibbles,
                 _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
             );
-            let qx = _mm256_loadu_si256(x.qs[b * BLOCK..].as_ptr() as *const __m256i);
+            let qx = _mm256_loadu_si256(qx.as_ptr() as *const __m256i);
             let pairs = _mm256_maddubs_epi16(codes, qx);
             let quads = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, pairs));
             acc = _mm256_fmadd_ps(d, quads, acc);
@@ -291,14 +332,15 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0(w: &[u8], x: &Q8Row<'_>) -> f32 {
+    pub unsafe fn dot_q8_0(w: &WeightRow<'_>, x: &Q8Row<'_>) -> f32 {
         let bb = BlockKind::Q8_0.block_bytes();
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
-        for (b, blk) in w.chunks_exact(bb).enumerate() {
-            let d = _mm256_set1_ps(f16_at(blk, 0) * x.d[b]);
+        let blocks = w.blocks.chunks_exact(bb).zip(x.qs.chunks_exact(BLOCK));
+        for ((blk, qx), (&dw, &dx)) in blocks.zip(w.scales.iter().zip(x.d)) {
+            let d = _mm256_set1_ps(dw * dx);
             let qw = _mm256_loadu_si256(blk[2..].as_ptr() as *const __m256i);
-            let qx = _mm256_loadu_si256(x.qs[b * BLOCK..].as_ptr() as *const __m256i);
+            let qx = _mm256_loadu_si256(qx.as_ptr() as *const __m256i);
             // maddubs takes one unsigned operand: move the weights' signs
             // onto the activations, as ggml does.
             let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
@@ -313,6 +355,13 @@ mod avx2 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn avx2_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return avx2::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
 
     fn random_blocks(kind: BlockKind, rows: usize, cols: usize, seed: u64) -> GgmlBlocks {
         let mut state = seed
@@ -417,8 +466,9 @@ mod tests {
             let q = Q8Rows::quantize(&xs[..cols], cols);
             let row = q.row(0, blocks);
             for o in 0..3 {
-                let portable = portable_dot(kind, w.row(o), &row);
-                prop_assert_eq!(w.dot(o, &row).to_bits(), portable.to_bits());
+                let portable = portable_dot(kind, &w.weight_row(o), &row);
+                let simd = cfg!(target_arch = "x86_64") && avx2_available();
+                prop_assert_eq!(w.dot(o, &row, simd).to_bits(), portable.to_bits());
             }
         }
     }
