@@ -12,8 +12,10 @@ The delta loop is found from the SASS alone: the loop (a backward branch and
 the instructions between its target and itself) with the most HFMA2 (the
 dequantization; the base and salient loops have none), taken at its
 outermost extent. Inner loops that contain HMMA (the wide kernel's rolled
-32-column sub-blocks, at 4 and 8 n-tiles) are weighted by their trip count,
-4/bits; other inner loops (the item-index carry) count once.
+or partly unrolled 32-column sub-blocks) are weighted by their trip count:
+one item's 4/bits sub-blocks hold 8·TILES HMMA each, so the trip count is
+(4/bits)·8·TILES / (HMMA in the inner loop); other inner loops (the
+item-index carry) count once.
 
 Normalisation: a 128-column block of one expert against one n-tile of 8
 batch rows is 8 mma.m16n8k16 (HMMA.16816), whatever the kernel, so the
@@ -76,7 +78,8 @@ def in_range(insns, lo, hi):
     return [i for i in insns if lo <= i[0] <= hi]
 
 
-def delta_loop_figures(insns, labels, trip):
+def delta_loop_figures(insns, labels, item_mma):
+    """item_mma: HMMA of one item's sub-blocks (inner loops' trip counts)."""
     all_loops = loops(insns, labels)
     ops = lambda lo, hi: Counter(op.split(".")[0] for _, op, _ in in_range(insns, lo, hi))
     best = max(all_loops, key=lambda l: (ops(*l)["HFMA2"], l[1] - l[0]))
@@ -89,7 +92,7 @@ def delta_loop_figures(insns, labels, trip):
     for a, b in all_loops:
         if lo <= a and b <= hi and (a, b) != (lo, hi) and ops(a, b)["HMMA"] > 0:
             for addr, _, _ in in_range(insns, a, b):
-                weight[addr] = trip
+                weight[addr] = item_mma // ops(a, b)["HMMA"]
     total, count = 0, Counter()
     for addr, op, _ in in_range(insns, lo, hi):
         w = weight.get(addr, 1)
@@ -105,12 +108,13 @@ def main():
     for sfx in suffixes:
         bits = int(re.search(r"b(\d)", sfx).group(1))
         tiles = int(re.search(r"_t(\d)", sfx).group(1))
-        for kernel, cubin, name, trip in [
+        for kernel, cubin, name, subs in [
             ("128-column", classic, f"meswitch_multi_expert_gemv_{sfx}", 1),
             ("wide", wide, f"meswitch_multi_expert_gemv_wide_{sfx}", 4 // bits),
         ]:
             insns, labels = parse(function_sass(nvdisasm, cubin, name))
-            total, count = delta_loop_figures(insns, labels, trip)
+            item_mma = subs * MMA_PER_128_COLUMNS_PER_TILE * tiles
+            total, count = delta_loop_figures(insns, labels, item_mma)
             blocks = count["HMMA"] / (MMA_PER_128_COLUMNS_PER_TILE * tiles)
             per = lambda n: n / blocks
             # Generic LD: loads through a pointer read from shared memory

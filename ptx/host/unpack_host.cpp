@@ -130,7 +130,7 @@ void host_wide_delta_items(const MeswitchExpertDelta* experts, const std::vector
         const uint16_t* of = (const uint16_t*)d.offsets;
         const uint32_t* codes = (const uint32_t*)d.codes;
         for (uint32_t s = 0; s < meswitch_wide_subblocks(bits); ++s) {
-            for (uint32_t q = 0; q < 4; ++q) {
+            for (uint32_t m = 0; m < MESWITCH_WIDE_PAIRS / 2; ++m) {
                 for (uint32_t nt = 0; nt < n_tiles; ++nt) {
                     if (((rows[i] >> (nt * 8)) & 0xFF) == 0) continue;
                     uint32_t a[2][32][4], bb[2][32][2];
@@ -138,7 +138,7 @@ void host_wide_delta_items(const MeswitchExpertDelta* experts, const std::vector
                         uint32_t g = lane / 4, t = lane % 4, b = nt * 8 + g;
                         uint32_t r[2] = {r0 + g < out ? r0 + g : out - 1, r0 + g + 8 < out ? r0 + g + 8 : out - 1};
                         uint32_t word = meswitch_wide_lane_word(c, t), grp = meswitch_wide_lane_group0(c, t, bits, group);
-                        uint32_t half[2][4];  // [row lo/hi][a half2 of the octet]
+                        uint32_t half[2][2];  // [row lo/hi][pair 2m, 2m+1]
                         for (int h = 0; h < 2; ++h) {
                             uint32_t w[4];
                             memcpy(w, codes + (size_t)r[h] * words_per_row + word, 16);
@@ -147,24 +147,24 @@ void host_wide_delta_items(const MeswitchExpertDelta* experts, const std::vector
                             memcpy(sv, sc + (size_t)r[h] * n_groups + grp, 2 * G);
                             memcpy(ov, of + (size_t)r[h] * n_groups + grp, 2 * G);
                             uint32_t j = meswitch_wide_local_group(s, bits, group);
-                            meswitch_octet_to_half2x4(meswitch_octet_field(w + s * bits, q, bits), bits, half[h]);
-                            for (int e = 0; e < 4; ++e) {
-                                half[h][e] = dequant_half2(half[h][e], (uint16_t)meswitch_wide_param_bits(sv[0], sv[1], j),
+                            for (uint32_t e = 0; e < 2; ++e) {
+                                half[h][e] = dequant_half2(meswitch_wide_pair_code(w + s * bits, 2 * m + e, bits),
+                                                           (uint16_t)meswitch_wide_param_bits(sv[0], sv[1], j),
                                                            (uint16_t)meswitch_wide_param_bits(ov[0], ov[1], j));
                             }
                         }
-                        uint32_t col = meswitch_wide_lane_col0(c, t, bits) + s * MESWITCH_WIDE_SUBBLOCK_COLS + 8 * q;
-                        uint32_t xv[4] = {0, 0, 0, 0}, xp[4];
-                        if ((rows[i] >> b) & 1ull) load4(x + (size_t)b * in + col, xv);
-                        meswitch_pair_x_octet(xv, xp);
+                        // The sub-block's 32 x values as 16 words (4 octets).
+                        uint32_t col = meswitch_wide_lane_col0(c, t, bits) + s * MESWITCH_WIDE_SUBBLOCK_COLS;
+                        uint32_t xw[16] = {0};
+                        if ((rows[i] >> b) & 1ull) {
+                            for (int o = 0; o < 4; ++o) load4(x + (size_t)b * in + col + 8 * o, xw + 4 * o);
+                        }
                         uint32_t a0[4] = {half[0][0], half[1][0], half[0][1], half[1][1]};
-                        uint32_t a1[4] = {half[0][2], half[1][2], half[0][3], half[1][3]};
-                        memcpy(a[0][lane], a0, 16); memcpy(a[1][lane], a1, 16);
-                        bb[0][lane][0] = xp[0]; bb[0][lane][1] = xp[1];
-                        bb[1][lane][0] = xp[2]; bb[1][lane][1] = xp[3];
+                        memcpy(a[0][lane], a0, 16);
+                        bb[0][lane][0] = meswitch_wide_pair_x(xw, 2 * m, bits);
+                        bb[0][lane][1] = meswitch_wide_pair_x(xw, 2 * m + 1, bits);
                     }
                     mma_emulate(acc[nt], a[0], bb[0]);
-                    mma_emulate(acc[nt], a[1], bb[1]);
                 }
             }
         }

@@ -25,9 +25,12 @@
 //   - the (expert, item) pair of each item is advanced by subtraction from
 //     the previous one, with no integer division per item.
 //
-// Per sub-block of 32 columns the arithmetic is gemv_core.cuh's (same octet
-// conversion, same FP16 dequantization, same mma), so both variants round
-// every weight the same way; only the order of the f32 sums differs.
+//   - codes become half2 pairs straight from their word (columns c and
+//     c + 16/bits), without first extracting 8-code octets.
+//
+// Each weight is still formed as gemv_core.cuh forms it (1024 + code by lop3,
+// exact subtraction, one FP16 fma with scale and offset), so both variants
+// round every weight the same way; only the order of the f32 sums differs.
 #ifndef MESWITCH_GEMV_WIDE_CUH
 #define MESWITCH_GEMV_WIDE_CUH
 
@@ -59,9 +62,9 @@ __device__ __forceinline__ __half2 meswitch_wide_param(uint2 v, uint32_t j) {
     return __half2half2(__ushort_as_half((unsigned short)meswitch_wide_param_bits(v.x, v.y, j)));
 }
 
-// One 32-column sub-block of a lane: gemv_core.cuh's item body for its
-// `BITS` words (4 octets, rows g and g+8) against every n-tile that has a row
-// of this expert.
+// One 32-column sub-block of a lane (its `BITS` words, rows g and g+8) as 16
+// half2 pairs straight from the words (gemv_wide_geometry.cuh), against every
+// n-tile that has a row of this expert.
 template <int BITS, uint32_t TILES>
 __device__ __forceinline__ void meswitch_wide_subblock(float (&acc)[TILES][4], const uint32_t* w_lo,
                                                        const uint32_t* w_hi, __half2 s_lo, __half2 o_lo,
@@ -69,16 +72,11 @@ __device__ __forceinline__ void meswitch_wide_subblock(float (&acc)[TILES][4], c
                                                        unsigned long long rows, uint32_t col,
                                                        uint32_t batch, uint32_t in, uint32_t n_tiles,
                                                        uint32_t g) {
-    uint32_t a_lo[MESWITCH_OCTETS_PER_LANE][4], a_hi[MESWITCH_OCTETS_PER_LANE][4];
+    uint32_t a_lo[MESWITCH_WIDE_PAIRS], a_hi[MESWITCH_WIDE_PAIRS];
 #pragma unroll
-    for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-        meswitch_octet_to_half2x4(meswitch_octet_field(w_lo, q, BITS), BITS, a_lo[q]);
-        meswitch_octet_to_half2x4(meswitch_octet_field(w_hi, q, BITS), BITS, a_hi[q]);
-#pragma unroll
-        for (uint32_t j = 0; j < 4u; ++j) {
-            a_lo[q][j] = meswitch_dequant_half2(a_lo[q][j], s_lo, o_lo);
-            a_hi[q][j] = meswitch_dequant_half2(a_hi[q][j], s_hi, o_hi);
-        }
+    for (uint32_t p = 0; p < MESWITCH_WIDE_PAIRS; ++p) {
+        a_lo[p] = meswitch_dequant_half2(meswitch_wide_pair_code(w_lo, p, BITS), s_lo, o_lo);
+        a_hi[p] = meswitch_dequant_half2(meswitch_wide_pair_code(w_hi, p, BITS), s_hi, o_hi);
     }
 #pragma unroll
     for (uint32_t nt = 0; nt < TILES; ++nt) {
@@ -93,13 +91,15 @@ __device__ __forceinline__ void meswitch_wide_subblock(float (&acc)[TILES][4], c
                 xv[q] = meswitch_ld16(xb + 8u * q);
                 if (!mine) xv[q] = make_uint4(0, 0, 0, 0);
             }
+            uint32_t xw[4u * MESWITCH_OCTETS_PER_LANE];
 #pragma unroll
             for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-                const uint32_t xo[4] = {xv[q].x, xv[q].y, xv[q].z, xv[q].w};
-                uint32_t xp[4];
-                meswitch_pair_x_octet(xo, xp);
-                meswitch_mma_16816(acc[nt], a_lo[q][0], a_hi[q][0], a_lo[q][1], a_hi[q][1], xp[0], xp[1]);
-                meswitch_mma_16816(acc[nt], a_lo[q][2], a_hi[q][2], a_lo[q][3], a_hi[q][3], xp[2], xp[3]);
+                xw[4u * q] = xv[q].x; xw[4u * q + 1u] = xv[q].y; xw[4u * q + 2u] = xv[q].z; xw[4u * q + 3u] = xv[q].w;
+            }
+#pragma unroll
+            for (uint32_t m = 0; m < MESWITCH_WIDE_PAIRS / 2u; ++m) {
+                meswitch_mma_16816(acc[nt], a_lo[2u * m], a_hi[2u * m], a_lo[2u * m + 1u], a_hi[2u * m + 1u],
+                                   meswitch_wide_pair_x(xw, 2u * m, BITS), meswitch_wide_pair_x(xw, 2u * m + 1u, BITS));
             }
         }
     }
@@ -123,8 +123,9 @@ __device__ __forceinline__ void meswitch_wide_delta_items(float (&acc)[TILES][4]
     constexpr uint32_t SUBS = meswitch_wide_subblocks(BITS);
     // Unrolled, the compiler overlaps the sub-blocks' A fragments (32
     // registers each), which spills next to the 16 or 32 accumulators of 4 or
-    // 8 n-tiles; there the loop stays rolled.
-    constexpr uint32_t SUB_UNROLL = TILES >= 4u ? 1u : SUBS;
+    // 8 n-tiles; there the loop stays rolled, and INT1's four sub-blocks at 2
+    // n-tiles are unrolled by two (fully, one INT1 variant spilled).
+    constexpr uint32_t SUB_UNROLL = TILES >= 4u ? 1u : (BITS == 1 && TILES == 2u ? 2u : SUBS);
     const uint32_t n_per = in / ITEM;  // items per expert, >= 1
     const uint32_t words_per_row = in * BITS / MESWITCH_WORD_BITS;
     const uint32_t n_groups = GROUP == MESWITCH_GROUP_ROW ? 1u : in / GROUP;

@@ -20,9 +20,10 @@
 //   code words     16·item + 4t .. +3 of each row (uint4, 16-byte aligned)
 //
 // Inside a lane, sub-block s = columns 32s .. 32s+31 of its range = words
-// s·bits .. s·bits + bits - 1 of its uint4: exactly the lane words of a
-// 128-column item of gemv_core.cuh, so each sub-block runs that kernel's
-// octet conversion, x re-pairing and mma unchanged.
+// s·bits .. s·bits + bits - 1 of its uint4 (the lane words of a 128-column
+// item of gemv_core.cuh). Its codes become half2 pairs straight from the
+// words (pairs section below), with the same lop3 trick and the same FP16
+// dequantization as gemv_core.cuh; only which two columns share a pair differs.
 //
 // Groups: a sub-block lies in one group (32-aligned, groups are multiples of
 // 32). A lane's range covers LANE/group groups when the group is smaller than
@@ -102,6 +103,46 @@ MESWITCH_HD void meswitch_wide_advance(uint32_t& i, uint32_t& c, uint32_t step, 
         c -= n_per;
         ++i;
     }
+}
+
+// ---- pairs straight from the code words -------------------------------------
+//
+// A sub-block's 32 columns as 16 half2 pairs, pair p = (column c, column c + D)
+// with D = 16/bits, so that both codes sit in ONE word at bits j·bits and
+// j·bits + 16 (j = p mod D) and one shift + one lop3 turns them into
+// (1024 + code, 1024 + code) with no octet extraction first:
+//
+//   bits  D   word k = p / D covers columns 2D·k .. 2D·k + 2D-1,  c = 2D·k + j
+//    4    4   word q = octet q: pairs (c_j, c_j+4), as gemv_core.cuh
+//    2    8   pairs (c_j, c_j+8) of the word's 16 columns
+//    1   16   pairs (c_j, c_j+16) of the word's 32 columns
+//
+// mma step m (0..7) takes pairs 2m (k slots 2t, 2t+1) and 2m+1 (2t+8, 2t+9);
+// x is re-paired the same way: (x_c, x_c+D), both halves from 4-byte words of
+// the sub-block's 4 loaded x octets (16 words, word i = columns 2i, 2i+1).
+#define MESWITCH_WIDE_PAIRS 16u
+
+MESWITCH_WIDE_HD uint32_t meswitch_wide_pair_distance(uint32_t bits) { return 16u / bits; }
+
+// First column (within the sub-block) of pair p.
+MESWITCH_WIDE_HD uint32_t meswitch_wide_pair_col(uint32_t p, uint32_t bits) {
+    const uint32_t d = meswitch_wide_pair_distance(bits);
+    return (p / d) * 2u * d + p % d;
+}
+
+// (1024 + code of column c, 1024 + code of column c + D) as half2 bits, from
+// the sub-block's `bits` words.
+MESWITCH_HD uint32_t meswitch_wide_pair_code(const uint32_t* words, uint32_t p, uint32_t bits) {
+    const uint32_t d = meswitch_wide_pair_distance(bits);
+    const uint32_t mask = ((1u << bits) - 1u) * 0x00010001u;
+    return meswitch_and_or(words[p / d] >> ((p % d) * bits), mask, MESWITCH_FP16_1024_X2);
+}
+
+// (x_c, x_c+D) as half2 bits, from the sub-block's 16 x words.
+MESWITCH_HD uint32_t meswitch_wide_pair_x(const uint32_t* x_words, uint32_t p, uint32_t bits) {
+    const uint32_t c = meswitch_wide_pair_col(p, bits), d = meswitch_wide_pair_distance(bits);
+    const uint32_t sel = c % 2u ? MESWITCH_PRMT_HI_HI : MESWITCH_PRMT_LO_LO;
+    return meswitch_prmt(x_words[c / 2u], x_words[(c + d) / 2u], sel);
 }
 
 // True when the wide kernel accepts this input width (whole items).
