@@ -5,9 +5,9 @@
 // meswitch_wide_delta_items in place of its own delta loop.
 //
 // STATUS: compiled and ptxas-checked only, UNVERIFIED ON A GPU. The host
-// emulation (ptx/host/unpack_host.cpp, meswitch_host_gemv with wide = 1)
-// checks its lane geometry against the reference; tests/gpu_kernels.rs runs
-// it against the reference on a device.
+// emulation (ptx/host/unpack_host.cpp, meswitch_host_gemv_variant with
+// wide = 1) runs its geometry, pairing and item walk against the reference;
+// tests/gpu_kernels.rs runs the kernel against the reference on a device.
 //
 // Why a second variant. Measured on an H100 (docs/perf.md), the 128-column
 // items of gemv_core.cuh cost about the same time at INT1, INT2 and INT4 with
@@ -23,8 +23,7 @@
 //     bytes holding all the groups of the lane's columns (4 scalar loads per
 //     128 columns before), so the lane's groups are staged in its registers;
 //   - the (expert, item) pair of each item is advanced by subtraction from
-//     the previous one, with no integer division per item.
-//
+//     the previous one, with no integer division per item;
 //   - codes become half2 pairs straight from their word (columns c and
 //     c + 16/bits), without first extracting 8-code octets.
 //
