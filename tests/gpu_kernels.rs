@@ -168,11 +168,7 @@ proptest! {
         let Some(gpu) = gpu_or_skip() else { return Ok(()) };
         let mut rng = StdRng::seed_from_u64(seed);
         let case = Case::random(&mut rng, out_features, in_features, bits, group, n_experts, batch, RowMix::Random);
-        for kernel in GemvKernel::ALL {
-            let mut y = vec![POISON; batch * out_features];
-            ops::multi_expert_gemv_with(gpu, kernel, &case.base(), &case.views(), &case.x, &case.rows, &mut y).unwrap();
-            case.assert_close(&y, None, &format!("multi_expert_gemv (host slices, {})", kernel.name()));
-        }
+        fused_matches_with_every_kernel(gpu, &case, "multi_expert_gemv (host slices)");
     }
 
     #[test]
@@ -274,20 +270,7 @@ fn named_edge_cases() {
     for (i, &(o, n, bits, g, e, b, mix)) in cases.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(1000 + i as u64);
         let case = Case::random(&mut rng, o, n, bits, g, e, b, mix);
-        for kernel in GemvKernel::ALL {
-            let mut y = vec![POISON; b * o];
-            ops::multi_expert_gemv_with(
-                gpu,
-                kernel,
-                &case.base(),
-                &case.views(),
-                &case.x,
-                &case.rows,
-                &mut y,
-            )
-            .unwrap();
-            case.assert_close(&y, None, &format!("edge case {i} ({})", kernel.name()));
-        }
+        fused_matches_with_every_kernel(gpu, &case, &format!("edge case {i}"));
     }
 }
 
@@ -356,23 +339,8 @@ fn mixed_variants_in_one_batch() {
         let initial: Vec<f16> = (0..case.batch() * out_features)
             .map(|_| value(&mut rng, 0.01, 4.0))
             .collect();
+        fused_matches_with_every_kernel(gpu, &case, "mixed variants (fused)");
         for kernel in GemvKernel::ALL {
-            let mut y = vec![POISON; case.batch() * out_features];
-            ops::multi_expert_gemv_with(
-                gpu,
-                kernel,
-                &case.base(),
-                &case.views(),
-                &case.x,
-                &case.rows,
-                &mut y,
-            )
-            .unwrap();
-            case.assert_close(
-                &y,
-                None,
-                &format!("mixed variants (fused, {})", kernel.name()),
-            );
             let mut y = initial.clone();
             ops::delta_gemv_accumulate_with(
                 gpu,
@@ -561,10 +529,16 @@ fn large_batch_without_cublas_splits_fused_launches() {
         3 * MAX_TEST_BATCH + 5,
         RowMix::Random,
     );
+    fused_matches_with_every_kernel(&gpu, &case, "batch > MAX_BATCH, no cuBLAS");
+}
+
+/// The host-slice fused product of `case` with every kernel variant, each
+/// checked against the reference.
+fn fused_matches_with_every_kernel(gpu: &Gpu, case: &Case, what: &str) {
     for kernel in GemvKernel::ALL {
         let mut y = vec![POISON; case.batch() * case.out_features];
         ops::multi_expert_gemv_with(
-            &gpu,
+            gpu,
             kernel,
             &case.base(),
             &case.views(),
@@ -573,10 +547,6 @@ fn large_batch_without_cublas_splits_fused_launches() {
             &mut y,
         )
         .unwrap();
-        case.assert_close(
-            &y,
-            None,
-            &format!("batch > MAX_BATCH, no cuBLAS ({})", kernel.name()),
-        );
+        case.assert_close(&y, None, &format!("{what} ({})", kernel.name()));
     }
 }

@@ -27,6 +27,17 @@ pub enum Device {
     Cuda,
 }
 
+/// Where and how `generate` and `perplexity` compute.
+#[derive(clap::Args, Debug)]
+pub struct ComputeArgs {
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// `exact` (f32), or `llama-cpp`: llama.cpp's CPU arithmetic on a
+    /// GGUF's Q4_1/Q8_0 tensors, bit for bit, to compare with llama.cpp.
+    #[arg(long, default_value_t = Numerics::Exact)]
+    pub numerics: Numerics,
+}
+
 /// A base model loaded on the chosen backend, with its tokenizer.
 pub enum Loaded {
     Cpu(Box<LoadedModel>),
@@ -44,11 +55,11 @@ pub struct CudaModel {
 /// (any other CUDA failure is an error). llama.cpp's numerics exist on the
 /// CPU only, so they choose it under `Auto` and refuse `Cuda`.
 pub fn load_on(
-    device: Device,
-    numerics: Numerics,
+    compute: &ComputeArgs,
     model: &Path,
     expert: Option<&Path>,
 ) -> anyhow::Result<(Loaded, Option<usize>)> {
+    let (device, numerics) = (compute.device, compute.numerics);
     if numerics != Numerics::Exact && device == Device::Cuda {
         anyhow::bail!("--numerics {numerics} computes on the CPU; drop --device cuda");
     }
@@ -97,12 +108,8 @@ pub struct GenerateArgs {
     /// Wrap the prompt as one user message in the model's chat template.
     #[arg(long)]
     chat: bool,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
-    /// `exact` (f32), or `llama-cpp`: llama.cpp's CPU arithmetic on a
-    /// GGUF's Q4_1/Q8_0 tensors, bit for bit, to compare with llama.cpp.
-    #[arg(long, default_value_t = Numerics::Exact)]
-    numerics: Numerics,
+    #[command(flatten)]
+    compute: ComputeArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -178,12 +185,7 @@ impl Run for GenerateArgs {
         } else {
             self.prompt.clone()
         };
-        let (loaded, expert) = load_on(
-            self.device,
-            self.numerics,
-            &self.model,
-            self.expert.as_deref(),
-        )?;
+        let (loaded, expert) = load_on(&self.compute, &self.model, self.expert.as_deref())?;
         match &loaded {
             Loaded::Cpu(m) => {
                 run_generate(&m.backend, &m.tokenizer, self.chat, &prompt, expert, params)

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 
-use super::generate::{load_on, Device, Loaded};
+use super::generate::{load_on, ComputeArgs, Loaded};
 use super::Run;
 use crate::generate::perplexity;
-use crate::model::{Backend, Numerics};
+use crate::model::Backend;
 use crate::tokenizer::Tokenizer;
 
 /// Perplexity of a text file (CPU or CUDA).
@@ -28,24 +28,15 @@ pub struct PerplexityArgs {
     /// Window length in tokens.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
-    /// `exact` (f32), or `llama-cpp`: llama.cpp's CPU arithmetic (see
-    /// `meswitch generate --help`).
-    #[arg(long, default_value_t = Numerics::Exact)]
-    numerics: Numerics,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 impl Run for PerplexityArgs {
     fn run(self) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&self.text)
             .with_context(|| format!("reading {}", self.text.display()))?;
-        let (loaded, expert) = load_on(
-            self.device,
-            self.numerics,
-            &self.model,
-            self.expert.as_deref(),
-        )?;
+        let (loaded, expert) = load_on(&self.compute, &self.model, self.expert.as_deref())?;
         match &loaded {
             Loaded::Cpu(m) => run_perplexity(&m.backend, &m.tokenizer, &text, self.ctx, expert),
             Loaded::Cuda(m) => run_perplexity(&m.backend, &m.tokenizer, &text, self.ctx, expert),
