@@ -5,6 +5,8 @@ set -u
 export PATH="$PATH:/usr/local/cuda/bin"
 here=$(cd "$(dirname "$0")" && pwd)
 source <(sed -n '/^libdir=/,/^export LD_LIBRARY_PATH/p' $here/run_on_gpu.sh)
+# The bench is staged gzipped (scripts/gpu_session.sh); run_on_gpu.sh unpacks it, or this does.
+[ -x "$here/benches/gemv" ] || { mkdir -p "$here/benches" && gunzip -c "$here/packed/benches/gemv.gz" > "$here/benches/gemv" && chmod +x "$here/benches/gemv"; }
 for cfg in "4096x14336 16 16 2" "14336x4096 1 1 2" "4096x4096 16 16 2"; do
   set -- $cfg
   MESWITCH_BENCH_SHAPES=$1 MESWITCH_BENCH_BATCH=$2 MESWITCH_BENCH_EXPERTS=$3 MESWITCH_BENCH_BITS=$4 MESWITCH_BENCH_BASELINES=0 \

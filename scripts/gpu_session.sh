@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 stage=.device
 rm -rf "$stage"
-mkdir -p "$stage/tests" "$stage/benches"
+mkdir -p "$stage"
 
 # Prints the executable paths of the artifacts cargo just built (JSON messages on stdout).
 executables() {
@@ -32,24 +32,24 @@ for line in sys.stdin:
 '
 }
 
-test_args=()
-for t in tests/gpu_*.rs; do test_args+=(--test "$(basename "$t" .rs)"); done
-cargo test --no-run "${test_args[@]}" --message-format=json | executables | while read -r name exe; do
-  # Debug info only makes the copy larger (the transfer to the device is size-limited).
-  objcopy --strip-debug "$exe" "$stage/tests/$name"
-done
-cargo bench --no-run --bench gemv --message-format=json | executables | while read -r name exe; do
-  objcopy --strip-debug "$exe" "$stage/benches/$name"
-done
-# The CUDA model runtime: its test runs with the other tests; the decode bench (a 7B-shaped model,
-# minutes of setup) is a stage of its own. Both are staged gzipped under packed/ (together with the
-# kernel tests and the gemv bench the stage would pass the device tool's 64 MiB transfer limit);
-# run_on_gpu.sh unpacks them. Building a server-mini integration test also builds the `meswitch`
-# binary: only the test is staged.
-mkdir -p "$stage/packed/tests" "$stage/packed/decode"
+# Every binary is staged stripped (debug info only makes it larger) and gzipped under
+# packed/<folder>/ (the device tool's transfer limit is 64 MiB, and each binary embeds all the
+# PTX); run_on_gpu.sh unpacks them into <folder>/.
+mkdir -p "$stage/packed/tests" "$stage/packed/benches" "$stage/packed/decode"
 pack() {  # pack <exe> <dest.gz>
   objcopy --strip-debug "$1" "$stage/packed/tmp" && gzip -9 -c "$stage/packed/tmp" > "$2" && rm "$stage/packed/tmp"
 }
+test_args=()
+for t in tests/gpu_*.rs; do test_args+=(--test "$(basename "$t" .rs)"); done
+cargo test --no-run "${test_args[@]}" --message-format=json | executables | while read -r name exe; do
+  pack "$exe" "$stage/packed/tests/$name.gz"
+done
+cargo bench --no-run --bench gemv --message-format=json | executables | while read -r name exe; do
+  pack "$exe" "$stage/packed/benches/$name.gz"
+done
+# The CUDA model runtime: its test runs with the other tests; the decode bench (a 7B-shaped model,
+# minutes of setup) is a stage of its own. Building a server-mini integration test also builds the
+# `meswitch` binary: only the test is staged.
 cargo test --no-run -p meswitch-server --test cuda_backend --message-format=json | executables | while read -r name exe; do
   [ "$name" = cuda_backend ] || continue
   pack "$exe" "$stage/packed/tests/$name.gz"
