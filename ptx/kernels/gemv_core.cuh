@@ -108,6 +108,22 @@ __device__ __forceinline__ uint32_t meswitch_dequant_half2(uint32_t magic, __hal
 #define MESWITCH_DELTA_ITEMS_IN_FLIGHT(tiles, bits) \
     ((tiles) >= 8u ? 1u : (tiles) >= 4u || ((tiles) >= 2u && (bits) == 4) ? 2u : 4u)
 
+// The x values of batch row b that a lane's 4 octets multiply: 16 bytes per
+// octet from column col on, or zeros when the row is not the expert's (its
+// bit clear in `rows`; a b past the batch is never set, and its address is
+// clamped to the last row so the loads stay in bounds).
+__device__ __forceinline__ void meswitch_load_x_octets(const __half* x, unsigned long long rows, uint32_t b,
+                                                       uint32_t batch, uint32_t in, uint32_t col,
+                                                       uint4 (&xv)[MESWITCH_OCTETS_PER_LANE]) {
+    const bool mine = (rows >> b) & 1ull;
+    const __half* xb = x + (size_t)min(b, batch - 1u) * in + col;
+#pragma unroll
+    for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
+        xv[q] = meswitch_ld16(xb + 8u * q);
+        if (!mine) xv[q] = make_uint4(0, 0, 0, 0);
+    }
+}
+
 // (lo, hi) -> half2 bits, lo in the low 16 bits (the lower k index of an mma register).
 __device__ __forceinline__ uint32_t meswitch_pack_half2(__half lo, __half hi) {
     return (uint32_t)__half_as_ushort(lo) | ((uint32_t)__half_as_ushort(hi) << 16);
@@ -273,15 +289,8 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
             for (uint32_t nt = 0; nt < TILES; ++nt) {
                 // Warp-uniform: skip n-tiles with no row of this expert.
                 if (nt < n_tiles && ((rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 0xFFull) != 0ull) {
-                    const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
-                    const bool mine = (rows >> b) & 1ull;  // b >= batch is never set
-                    const __half* xb = x + (size_t)min(b, batch - 1u) * in + col0;
                     uint4 xv[MESWITCH_OCTETS_PER_LANE];
-#pragma unroll
-                    for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-                        xv[q] = meswitch_ld16(xb + 8u * q);
-                        if (!mine) xv[q] = make_uint4(0, 0, 0, 0);
-                    }
+                    meswitch_load_x_octets(x, rows, nt * MESWITCH_GEMV_BATCH_TILE + g, batch, in, col0, xv);
 #pragma unroll
                     for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
                         const uint32_t xo[4] = {xv[q].x, xv[q].y, xv[q].z, xv[q].w};

@@ -81,15 +81,8 @@ __device__ __forceinline__ void meswitch_wide_subblock(float (&acc)[TILES][4], c
     for (uint32_t nt = 0; nt < TILES; ++nt) {
         // Warp-uniform: skip n-tiles with no row of this expert.
         if (nt < n_tiles && ((rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 0xFFull) != 0ull) {
-            const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
-            const bool mine = (rows >> b) & 1ull;  // b >= batch is never set
-            const __half* xb = x + (size_t)min(b, batch - 1u) * in + col;
             uint4 xv[MESWITCH_OCTETS_PER_LANE];
-#pragma unroll
-            for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-                xv[q] = meswitch_ld16(xb + 8u * q);
-                if (!mine) xv[q] = make_uint4(0, 0, 0, 0);
-            }
+            meswitch_load_x_octets(x, rows, nt * MESWITCH_GEMV_BATCH_TILE + g, batch, in, col, xv);
             uint32_t xw[4u * MESWITCH_OCTETS_PER_LANE];
 #pragma unroll
             for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
