@@ -23,13 +23,7 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Bytes((HIDDEN * HIDDEN * 2) as u64));
     for bits in Bits::ALL {
         for aware in [false, true] {
-            let settings = CompressSettings {
-                bits,
-                group_size: 128,
-                salient: SalientSpec::Fraction(0.01),
-                round_to_nearest: false,
-                activation_weighted_fit: false,
-            };
+            let settings = CompressSettings::new(bits, 128, SalientSpec::Fraction(0.01));
             let label = format!(
                 "int{}_{}",
                 bits.count(),

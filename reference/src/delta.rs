@@ -211,6 +211,19 @@ pub struct CompressSettings {
     pub activation_weighted_fit: bool,
 }
 
+impl CompressSettings {
+    /// The method's default fit: error-minimising step search, unweighted.
+    pub fn new(bits: Bits, group_size: usize, salient: SalientSpec) -> CompressSettings {
+        CompressSettings {
+            bits,
+            group_size,
+            salient,
+            round_to_nearest: false,
+            activation_weighted_fit: false,
+        }
+    }
+}
+
 /// Compresses a dense delta `Δ` (`[out, in]` row-major, f32).
 ///
 /// `activation_energy[j] = ‖X[:, j]‖²` from calibration activations makes the

@@ -39,13 +39,7 @@ fn random_delta(rng: &mut StdRng, out: usize, inp: usize) -> Vec<f32> {
 }
 
 fn settings(bits: Bits, group: usize, salient: SalientSpec) -> CompressSettings {
-    CompressSettings {
-        bits,
-        group_size: group,
-        salient,
-        round_to_nearest: false,
-        activation_weighted_fit: false,
-    }
+    CompressSettings::new(bits, group, salient)
 }
 
 proptest! {

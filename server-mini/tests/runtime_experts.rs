@@ -87,13 +87,7 @@ fn expert(base: &MemorySource, name: &str, seed: u64, layer: usize) -> (ExpertFi
     for p in Proj::ALL {
         let [o, i] = p.shape(&c);
         let delta: Vec<f32> = (0..o * i).map(|_| rng.random_range(-0.1f32..0.1)).collect();
-        let settings = CompressSettings {
-            bits: Bits::Four,
-            group_size: 32,
-            salient: SalientSpec::Count(2),
-            round_to_nearest: false,
-            activation_weighted_fit: false,
-        };
+        let settings = CompressSettings::new(Bits::Four, 32, SalientSpec::Count(2));
         let packed = compress_matrix(&delta, o, i, &settings, None).unwrap();
         let hat = packed.dequantize();
         let name = names::proj(layer, p);
@@ -111,13 +105,7 @@ fn expert(base: &MemorySource, name: &str, seed: u64, layer: usize) -> (ExpertFi
         // lm_head changes too.
         let (v, h) = (c.vocab_size, c.hidden_size);
         let delta: Vec<f32> = (0..v * h).map(|_| rng.random_range(-0.2f32..0.2)).collect();
-        let settings = CompressSettings {
-            bits: Bits::Two,
-            group_size: 32,
-            salient: SalientSpec::Count(1),
-            round_to_nearest: false,
-            activation_weighted_fit: false,
-        };
+        let settings = CompressSettings::new(Bits::Two, 32, SalientSpec::Count(1));
         let packed = compress_matrix(&delta, v, h, &settings, None).unwrap();
         let hat = packed.dequantize();
         let entry = dense.tensors.get_mut(names::EMBED).unwrap();

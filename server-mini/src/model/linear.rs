@@ -159,13 +159,7 @@ mod tests {
         let d: Vec<f32> = (0..out * inp)
             .map(|_| rng.random_range(-0.05..0.05))
             .collect();
-        let s = CompressSettings {
-            bits,
-            group_size: 32,
-            salient: SalientSpec::Count(inp.min(3)),
-            round_to_nearest: false,
-            activation_weighted_fit: false,
-        };
+        let s = CompressSettings::new(bits, 32, SalientSpec::Count(inp.min(3)));
         compress_matrix(&d, out, inp, &s, None).unwrap()
     }
 

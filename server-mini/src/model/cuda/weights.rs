@@ -269,13 +269,7 @@ mod tests {
         let d: Vec<f32> = (0..vocab * hidden)
             .map(|i| ((i * 37 % 23) as f32 - 11.0) * 1e-3)
             .collect();
-        let settings = CompressSettings {
-            bits: Bits::Two,
-            group_size: 32,
-            salient: SalientSpec::Count(1),
-            round_to_nearest: false,
-            activation_weighted_fit: false,
-        };
+        let settings = CompressSettings::new(Bits::Two, 32, SalientSpec::Count(1));
         let packed = compress_matrix(&d, vocab, hidden, &settings, None).unwrap();
         let full = packed.dequantize();
         let mut row = vec![f32::NAN; hidden];
