@@ -134,13 +134,7 @@ fn packed(rng: &mut StdRng, o: usize, i: usize, bits: Bits, group: usize) -> Exp
     let delta: Vec<f32> = (0..o * i)
         .map(|_| rng.random_range(-scale..scale))
         .collect();
-    let settings = CompressSettings {
-        bits,
-        group_size: group,
-        salient: SalientSpec::Count(2),
-        round_to_nearest: false,
-        activation_weighted_fit: false,
-    };
+    let settings = CompressSettings::new(bits, group, SalientSpec::Count(2));
     ExpertTensor::Delta(compress_matrix(&delta, o, i, &settings, None).expect("compress"))
 }
 
@@ -302,6 +296,33 @@ fn step<B: Backend>(
     b.forward(&mut batch)
 }
 
+/// One step of the sequences `idx` on both backends, each on its own caches
+/// (taken out of `cpu_caches`/`gpu_caches` for the step and put back);
+/// the caches must end the same length. Returns (CPU, CUDA) logits.
+fn step_both(
+    (cpu, cuda): (&CpuBackend, &CudaBackend),
+    (cpu_caches, gpu_caches): (&mut [KvCache], &mut [CudaCache]),
+    idx: &[usize],
+    seqs: &[Seq],
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let mut cc: Vec<KvCache> = idx
+        .iter()
+        .map(|&i| std::mem::take(&mut cpu_caches[i]))
+        .collect();
+    let mut gc: Vec<CudaCache> = idx
+        .iter()
+        .map(|&i| std::mem::take(&mut gpu_caches[i]))
+        .collect();
+    let want = step(cpu, &mut cc, seqs).expect("CPU step");
+    let got = step(cuda, &mut gc, seqs).expect("CUDA step");
+    for ((&i, c), g) in idx.iter().zip(cc).zip(gc) {
+        assert_eq!(c.len(), g.len(), "cache lengths of sequence {i}");
+        cpu_caches[i] = c;
+        gpu_caches[i] = g;
+    }
+    (want, got)
+}
+
 fn tokens(rng: &mut StdRng, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
 }
@@ -349,21 +370,12 @@ fn mixed_steps_match_the_cpu_backend() {
                 .map(|&(_, n, e, w)| (tokens(&mut rng, n, vocab), e, w))
                 .collect();
             let idx: Vec<usize> = s.iter().map(|&(i, ..)| i).collect();
-            let mut cc: Vec<KvCache> = idx
-                .iter()
-                .map(|&i| std::mem::take(&mut cpu_caches[i]))
-                .collect();
-            let mut gc: Vec<CudaCache> = idx
-                .iter()
-                .map(|&i| std::mem::take(&mut gpu_caches[i]))
-                .collect();
-            let want = step(&cpu, &mut cc, &seqs).expect("CPU step");
-            let got = step(&cuda, &mut gc, &seqs).expect("CUDA step");
-            for ((&i, c), g) in idx.iter().zip(cc).zip(gc) {
-                assert_eq!(c.len(), g.len(), "cache lengths of sequence {i}");
-                cpu_caches[i] = c;
-                gpu_caches[i] = g;
-            }
+            let (want, got) = step_both(
+                (&cpu, &cuda),
+                (&mut cpu_caches, &mut gpu_caches),
+                &idx,
+                &seqs,
+            );
             for (j, (w, g)) in want.iter().zip(&got).enumerate() {
                 let what = format!("window {window:?} step {k} sequence {}", idx[j]);
                 worst = worst.max(assert_rows_close(&what, w, g, vocab));
@@ -426,21 +438,12 @@ fn random_step_plans_match_the_cpu_backend() {
                         (tokens(&mut rng, n, vocab), EXPERT_OF[i], w)
                     })
                     .collect();
-                let mut cc: Vec<KvCache> = idx
-                    .iter()
-                    .map(|&i| std::mem::take(&mut cpu_caches[i]))
-                    .collect();
-                let mut gc: Vec<CudaCache> = idx
-                    .iter()
-                    .map(|&i| std::mem::take(&mut gpu_caches[i]))
-                    .collect();
-                let want = step(&cpu, &mut cc, &seqs).expect("CPU step");
-                let got = step(&cuda, &mut gc, &seqs).expect("CUDA step");
-                for ((&i, c), g) in idx.iter().zip(cc).zip(gc) {
-                    prop_assert_eq!(c.len(), g.len());
-                    cpu_caches[i] = c;
-                    gpu_caches[i] = g;
-                }
+                let (want, got) = step_both(
+                    (&cpu, &cuda),
+                    (&mut cpu_caches, &mut gpu_caches),
+                    &idx,
+                    &seqs,
+                );
                 for (j, (w, g)) in want.iter().zip(&got).enumerate() {
                     let what = format!("plan step {k} sequence {}", idx[j]);
                     worst.set(worst.get().max(assert_rows_close(&what, w, g, vocab)));

@@ -220,6 +220,10 @@ fn tokenizer_for<'m>(
     }))
 }
 
+fn load_model(path: &Path) -> anyhow::Result<LoadedModel> {
+    load_cpu(path).with_context(|| format!("loading {}", path.display()))
+}
+
 fn read(path: &Path) -> anyhow::Result<Vec<LabelledQuery>> {
     Ok(read_jsonl(path)?)
 }
@@ -235,8 +239,7 @@ fn prompt_format(raw: bool) -> &'static str {
 impl TrainArgs {
     fn run(self) -> anyhow::Result<()> {
         let data = read(&self.data)?;
-        let m =
-            load_cpu(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        let m = load_model(&self.model)?;
         let format = prompt_format(self.raw);
         let tokenize = tokenizer_for(&self.model, &m, format)?;
         let defaults = HiddenRouterSettings::for_model(m.backend.config().num_layers, format);
@@ -294,8 +297,7 @@ impl EvalArgs {
     fn run(self) -> anyhow::Result<()> {
         let data = read(&self.data)?;
         let router = HiddenRouter::load(&self.router)?;
-        let m =
-            load_cpu(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        let m = load_model(&self.model)?;
         router.spec().check(&m.backend)?;
         let tokenize = tokenizer_for(&self.model, &m, &router.spec().prompt_format)?;
         let classes = router.domains().to_vec();
@@ -386,8 +388,7 @@ impl SweepArgs {
         };
         let train = every(read(&self.train)?);
         let dev = every(read(&self.dev)?);
-        let m =
-            load_cpu(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        let m = load_model(&self.model)?;
         let format = prompt_format(self.raw);
         let tokenize = tokenizer_for(&self.model, &m, format)?;
         let setup = SweepSetup {
@@ -441,8 +442,7 @@ impl FeaturesArgs {
     fn run(self) -> anyhow::Result<()> {
         use crate::router::feature_cache::{CacheHeader, CacheWriter, LayerStats, QueryStats};
         let data = read(&self.data)?;
-        let m =
-            load_cpu(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        let m = load_model(&self.model)?;
         let format = prompt_format(self.raw);
         let tokenize = tokenizer_for(&self.model, &m, format)?;
         let tokens = crate::router::hidden::tokenize_all(&*tokenize, &data)?;
