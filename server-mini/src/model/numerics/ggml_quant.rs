@@ -129,9 +129,10 @@ impl GgmlBlocks {
 
     /// Row `r` as f32, as ggml's `dequantize_row_*` (`get_rows`) gives it.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let bb = self.kind.block_bytes();
-        for (blk, y) in self.row(r).chunks_exact(bb).zip(out.chunks_mut(BLOCK)) {
-            let d = f16_at(blk, 0);
+        let w = self.weight_row(r);
+        let blocks = w.blocks.chunks_exact(self.kind.block_bytes());
+        for (b, (blk, y)) in blocks.zip(out.chunks_mut(BLOCK)).enumerate() {
+            let d = w.scales[b];
             match self.kind {
                 BlockKind::Q8_0 => {
                     for (v, &q) in y.iter_mut().zip(&blk[2..]) {
@@ -139,9 +140,8 @@ impl GgmlBlocks {
                     }
                 }
                 BlockKind::Q4_1 => {
-                    let m = f16_at(blk, 2);
                     for (j, v) in y.iter_mut().enumerate() {
-                        *v = (q4_code(&blk[4..], j) as f32).mul_add(d, m);
+                        *v = (q4_code(&blk[4..], j) as f32).mul_add(d, w.mins[b]);
                     }
                 }
             }
