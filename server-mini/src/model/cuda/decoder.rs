@@ -20,6 +20,22 @@ use crate::model::experts::{Expert, ExpertMatrix};
 use crate::model::weights::Proj;
 use crate::model::{ExpertId, LogitsWanted, ModelError, SeqStep};
 
+/// The order a step runs its sequences in: by expert (rows with no expert
+/// first), the caller's order within one expert. The GEMV gives each expert
+/// only the 8-row n-tiles that hold one of its rows
+/// (`ptx/kernels/gemv_core.cuh`); arrival order interleaves experts, so at 32
+/// rows over 16 experts each expert's two rows would mostly sit in two tiles
+/// and its dequantized codes would go through twice the mma, x loads and
+/// re-pairing that one tile needs. Which row a sequence gets changes nothing
+/// else: each row carries its own cache and position.
+pub(super) fn expert_order(experts: impl Iterator<Item = Option<ExpertId>>) -> Vec<usize> {
+    let experts: Vec<Option<ExpertId>> = experts.collect();
+    let mut order: Vec<usize> = (0..experts.len()).collect();
+    // Stable: the caller's order within an expert (None < Some).
+    order.sort_by_key(|&i| experts[i]);
+    order
+}
+
 /// The step's rows, on the host:
 ///
 /// ```text
@@ -373,10 +389,14 @@ impl CudaBackend {
     /// the head on the rows whose logits were asked for.
     pub(super) fn forward_step(
         &self,
-        batch: &[SeqStep<'_, CudaCache>],
+        steps: &[SeqStep<'_, CudaCache>],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let c = &self.config;
         let (hd, vocab) = (c.hidden_size, c.vocab_size);
+        // The step runs its sequences in expert order; `out` puts the logits
+        // back in the caller's.
+        let order = expert_order(steps.iter().map(|s| s.expert));
+        let batch: Vec<&SeqStep<'_, CudaCache>> = order.iter().map(|&i| &steps[i]).collect();
         let rows = StepRows::new(batch.iter().map(|s| (s.tokens, s.cache.len(), s.expert)));
         let caches: Vec<(&DeviceKv, usize)> = batch
             .iter()
@@ -386,7 +406,7 @@ impl CudaBackend {
         // Rows asked for: a contiguous tail of each sequence's rows.
         let mut wanted = Vec::with_capacity(batch.len());
         let mut start = 0;
-        for s in batch {
+        for s in &batch {
             let from = match s.logits {
                 LogitsWanted::Last => s.tokens.len() - 1,
                 LogitsWanted::From(f) => f,
@@ -440,15 +460,13 @@ impl CudaBackend {
                 "logits buffer shorter than asked".into(),
             ));
         }
+        let mut out = vec![Vec::new(); steps.len()];
         let mut first = 0;
-        let out = wanted
-            .iter()
-            .map(|&(a, e)| {
-                let rows = &logits[first * vocab..(first + e - a) * vocab];
-                first += e - a;
-                rows.iter().map(|v| v.to_f32()).collect()
-            })
-            .collect();
+        for (&(a, e), &seq) in wanted.iter().zip(&order) {
+            let rows = &logits[first * vocab..(first + e - a) * vocab];
+            first += e - a;
+            out[seq] = rows.iter().map(|v| v.to_f32()).collect();
+        }
         Ok(out)
     }
 
@@ -504,7 +522,26 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::StepRows;
+    use super::{expert_order, StepRows};
+
+    #[test]
+    fn expert_order_groups_each_experts_sequences_keeping_their_order() {
+        let experts = [Some(3), None, Some(1), Some(3), None, Some(1), Some(0)];
+        let order = expert_order(experts.into_iter());
+        assert_eq!(order, vec![1, 4, 6, 2, 5, 0, 3]);
+        // A permutation: every sequence exactly once.
+        let mut seen = order.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..experts.len()).collect::<Vec<_>>());
+        // 32 decode rows round-robin over 16 experts: each expert's two rows
+        // end up next to each other, so in one 8-row n-tile.
+        let order = expert_order((0..32).map(|b| Some(b % 16)));
+        for pair in order.chunks(2) {
+            assert_eq!(pair[0] % 16, pair[1] % 16);
+            assert_ne!(pair[0] / 8, pair[1] / 8, "arrival order split them");
+        }
+        assert!(expert_order(std::iter::empty()).is_empty());
+    }
 
     #[test]
     fn step_rows_flatten_sequences_in_order() {
