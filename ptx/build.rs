@@ -5,6 +5,7 @@
 fn main() {
     println!("cargo:rerun-if-changed=host/unpack_host.cpp");
     println!("cargo:rerun-if-changed=kernels/delta_unpack.cuh");
+    println!("cargo:rerun-if-changed=kernels/gemv_wide_geometry.cuh");
     println!("cargo:rerun-if-changed=include/meswitch_abi.h");
     cc::Build::new()
         .cpp(true)

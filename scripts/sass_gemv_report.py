@@ -3,10 +3,16 @@
 the wide one, per 128 input columns of one expert. Static, from SASS; not a
 timing: it counts instructions in the code, not instructions executed.
 
-usage: sass_gemv_report.py <nvdisasm> <classic.cubin> <wide.cubin> <entry suffix>...
+usage: sass_gemv_report.py <nvdisasm> <classic.cubin> <wide.cubin>
+           [--before <classic.cubin> <wide.cubin>] [--mix <suffix>]... <entry suffix>...
 
 An entry suffix is e.g. `b2_g128_t1`; the entries compared are
 meswitch_multi_expert_gemv_<suffix> and meswitch_multi_expert_gemv_wide_<suffix>.
+With --before (cubins of an earlier build: ptxas on the PTX of an earlier
+commit, `git show <rev>:ptx/ptx/multi_expert_gemv.ptx`), the table gets a
+column with that build's figure. --mix <suffix> prints, after the table,
+the opcode mix per 128 columns x expert of both kernels' delta loop for that
+entry (before and after when --before is given).
 
 The delta loop is found from the SASS alone: the loop (a backward branch and
 the instructions between its target and itself) with the most HFMA2 (the
@@ -101,29 +107,68 @@ def delta_loop_figures(insns, labels, item_mma):
     return total, count
 
 
+def figures(nvdisasm, cubin, name, bits, tiles, subs):
+    """-> (total, opcode counter, blocks of 128 columns x expert in the loop)"""
+    insns, labels = parse(function_sass(nvdisasm, cubin, name))
+    item_mma = subs * MMA_PER_128_COLUMNS_PER_TILE * tiles
+    total, count = delta_loop_figures(insns, labels, item_mma)
+    return total, count, count["HMMA"] / (MMA_PER_128_COLUMNS_PER_TILE * tiles)
+
+
+def kernels(sfx, classic, wide):
+    bits = int(re.search(r"b(\d)", sfx).group(1))
+    return [
+        ("128-column", classic, f"meswitch_multi_expert_gemv_{sfx}", 1),
+        ("wide", wide, f"meswitch_multi_expert_gemv_wide_{sfx}", 4 // bits),
+    ]
+
+
+def mix_line(count, blocks):
+    return " ".join(f"{op} {n / blocks:g}" for op, n in count.most_common())
+
+
 def main():
-    nvdisasm, classic, wide, *suffixes = sys.argv[1:]
-    print("| entry (sm_90) | kernel | loop insts | HMMA | per 128 cols x expert: all | LDG+LD | LDS | LOP3 | HFMA2+HADD2 | other |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    args = sys.argv[1:]
+    nvdisasm, classic, wide = args[:3]
+    rest, before, mixes, suffixes = args[3:], None, [], []
+    while rest:
+        a = rest.pop(0)
+        if a == "--before":
+            before = (rest.pop(0), rest.pop(0))
+        elif a == "--mix":
+            mixes.append(rest.pop(0))
+        else:
+            suffixes.append(a)
+    was = " before |" if before else ""
+    print(f"| entry (sm_90) | kernel | loop insts | HMMA |{was} per 128 cols x expert: all | LDG+LD | LDS | LOP3 | HFMA2+HADD2 | other |")
+    print("|---|---|---|---|" + ("---|" if before else "") + "---|---|---|---|---|---|")
     for sfx in suffixes:
         bits = int(re.search(r"b(\d)", sfx).group(1))
         tiles = int(re.search(r"_t(\d)", sfx).group(1))
-        for kernel, cubin, name, subs in [
-            ("128-column", classic, f"meswitch_multi_expert_gemv_{sfx}", 1),
-            ("wide", wide, f"meswitch_multi_expert_gemv_wide_{sfx}", 4 // bits),
-        ]:
-            insns, labels = parse(function_sass(nvdisasm, cubin, name))
-            item_mma = subs * MMA_PER_128_COLUMNS_PER_TILE * tiles
-            total, count = delta_loop_figures(insns, labels, item_mma)
-            blocks = count["HMMA"] / (MMA_PER_128_COLUMNS_PER_TILE * tiles)
+        old = kernels(sfx, *before) if before else [None, None]
+        for (kernel, cubin, name, subs), prev in zip(kernels(sfx, classic, wide), old):
+            total, count, blocks = figures(nvdisasm, cubin, name, bits, tiles, subs)
             per = lambda n: n / blocks
             # Generic LD: loads through a pointer read from shared memory
             # (the 128-column kernel's scales), global in fact.
             ldg, lds = count["LDG"] + count["LD"], count["LDS"]
             lop, hf = count["LOP3"], count["HFMA2"] + count["HADD2"]
             other = total - ldg - lds - lop - hf - count["HMMA"]
-            print(f"| `{sfx}` | {kernel} | {total} | {count['HMMA']} | {per(total):.0f} | "
+            cell = ""
+            if prev:
+                t0, _, b0 = figures(nvdisasm, prev[1], prev[2], bits, tiles, prev[3])
+                cell = f" {t0 / b0:.0f} |"
+            print(f"| `{sfx}` | {kernel} | {total} | {count['HMMA']} |{cell} {per(total):.0f} | "
                   f"{per(ldg):.1f} | {per(lds):.1f} | {per(lop):.0f} | {per(hf):.0f} | {per(other):.0f} |")
+    for sfx in mixes:
+        bits = int(re.search(r"b(\d)", sfx).group(1))
+        tiles = int(re.search(r"_t(\d)", sfx).group(1))
+        print(f"\nOpcode mix of the delta loop per 128 columns x expert, `{sfx}` (sm_90, static):\n")
+        builds = ([("before", before)] if before else []) + [("after" if before else "now", (classic, wide))]
+        for label, cubins in builds:
+            for kernel, cubin, name, subs in kernels(sfx, *cubins):
+                total, count, blocks = figures(nvdisasm, cubin, name, bits, tiles, subs)
+                print(f"- {kernel}, {label} ({total / blocks:.0f}): {mix_line(count, blocks)}")
 
 
 if __name__ == "__main__":

@@ -93,15 +93,63 @@ void mma_emulate(float c[32][4], const uint32_t a[32][4], const uint32_t b[32][2
     }
 }
 
-// __hfma2(q, scale, offset) on each half after removing the 1024 bias:
-// one rounding of the exact q·scale + offset.
-uint32_t dequant_half2(uint32_t magic, uint16_t scale, uint16_t offset) {
+// __hfma2(q, scale, offset) on each half: one rounding of the exact
+// q·scale + offset (double holds the product of two halves exactly).
+uint32_t dequant_q_half2(uint32_t q, uint16_t scale, uint16_t offset) {
     float s = half_to_float(scale), o = half_to_float(offset);
-    float qa = lo_half(magic) - 1024.0f, qb = hi_half(magic) - 1024.0f;
-    uint16_t va = float_to_half((float)((double)qa * s + o));
-    uint16_t vb = float_to_half((float)((double)qb * s + o));
+    uint16_t va = float_to_half((float)((double)lo_half(q) * s + o));
+    uint16_t vb = float_to_half((float)((double)hi_half(q) * s + o));
     return (uint32_t)va | ((uint32_t)vb << 16);
 }
+
+// Twin of gemv_core.cuh's meswitch_dequant_pair: the unbias fma
+// (1024 + 2^p·q)·2^-p + (-2^(10-p)) as an f32 fma rounded once to FP16 (the
+// same value as the FP16 fma, because the exact result q is representable),
+// then the dequantization fma.
+uint32_t unbias_half2(uint32_t magic, uint32_t mul, uint32_t add) {
+    uint16_t qa = float_to_half(fmaf(lo_half(magic), lo_half(mul), lo_half(add)));
+    uint16_t qb = float_to_half(fmaf(hi_half(magic), hi_half(mul), hi_half(add)));
+    return (uint32_t)qa | ((uint32_t)qb << 16);
+}
+
+uint32_t dequant_pair(uint32_t magic, uint32_t mul, uint32_t add, uint16_t scale, uint16_t offset) {
+    return dequant_q_half2(unbias_half2(magic, mul, add), scale, offset);
+}
+
+// ---- the conversion before the shift-free one, kept to compare bit for bit ----
+//
+// Octet field f (8·bits bits, code j at bit j·bits), then v = f | f << (16 −
+// 4·bits) puts c4 at bit 16, and pair j = lop3((v >> j·bits) & mask | 0x6400)
+// = (1024 + c_j, 1024 + c_{j+4}); the wide items shifted each pair's word by
+// j·bits the same way. Then hsub2(·, 1024) and hfma2(q, scale, offset).
+namespace legacy {
+
+uint32_t octet_field(const uint32_t* lane_words, uint32_t q, uint32_t bits) {
+    uint32_t octets_per_word = MESWITCH_WORD_BITS / (8u * bits);  // 1, 2, 4
+    uint32_t word = lane_words[q / octets_per_word];
+    uint32_t shift = (q % octets_per_word) * 8u * bits;
+    return bits == 4u ? word : (word >> shift) & ((1u << (8u * bits)) - 1u);
+}
+
+uint32_t octet_pair(uint32_t field, uint32_t j, uint32_t bits) {
+    uint32_t v = bits == 4u ? field : field | (field << (16u - 4u * bits));
+    uint32_t mask = ((1u << bits) - 1u) * 0x00010001u;
+    return meswitch_and_or(v >> (j * bits), mask, MESWITCH_FP16_1024_X2);
+}
+
+uint32_t wide_pair(const uint32_t* words, uint32_t p, uint32_t bits) {
+    const uint32_t d = meswitch_wide_pair_distance(bits);
+    const uint32_t mask = ((1u << bits) - 1u) * 0x00010001u;
+    return meswitch_and_or(words[p / d] >> ((p % d) * bits), mask, MESWITCH_FP16_1024_X2);
+}
+
+// hsub2(magic, 1024) (exact), then the dequantization fma.
+uint32_t dequant(uint32_t magic, uint16_t scale, uint16_t offset) {
+    uint16_t qa = float_to_half(lo_half(magic) - 1024.0f), qb = float_to_half(hi_half(magic) - 1024.0f);
+    return dequant_q_half2((uint32_t)qa | ((uint32_t)qb << 16), scale, offset);
+}
+
+}  // namespace legacy
 
 void load4(const uint16_t* p, uint32_t v[4]) { memcpy(v, p, 16); }
 
@@ -148,9 +196,12 @@ void host_wide_delta_items(const MeswitchExpertDelta* experts, const std::vector
                             memcpy(ov, of + (size_t)r[h] * n_groups + grp, 2 * G);
                             uint32_t j = meswitch_wide_local_group(s, bits, group);
                             for (uint32_t e = 0; e < 2; ++e) {
-                                half[h][e] = dequant_half2(meswitch_wide_pair_code(w + s * bits, 2 * m + e, bits),
-                                                           (uint16_t)meswitch_wide_param_bits(sv[0], sv[1], j),
-                                                           (uint16_t)meswitch_wide_param_bits(ov[0], ov[1], j));
+                                const uint32_t p = 2 * m + e;
+                                half[h][e] = dequant_pair(meswitch_wide_pair_code(w + s * bits, p, bits),
+                                                          meswitch_wide_unbias_mul(p, bits),
+                                                          meswitch_wide_unbias_add(p, bits),
+                                                          (uint16_t)meswitch_wide_param_bits(sv[0], sv[1], j),
+                                                          (uint16_t)meswitch_wide_param_bits(ov[0], ov[1], j));
                             }
                         }
                         // The sub-block's 32 x values as 16 words (4 octets).
@@ -184,11 +235,51 @@ uint32_t meswitch_host_words_per_row(uint32_t in_features, uint32_t bits) {
 }
 
 uint32_t meswitch_host_octet_field(const uint32_t* lane_words, uint32_t q, uint32_t bits) {
-    return meswitch_octet_field(lane_words, q, bits);
+    return legacy::octet_field(lane_words, q, bits);
 }
 
-void meswitch_host_octet_to_half2x4(uint32_t field, uint32_t bits, uint32_t out[4]) {
-    meswitch_octet_to_half2x4(field, bits, out);
+uint32_t meswitch_host_octet_spread(const uint32_t* lane_words, uint32_t q, uint32_t bits) {
+    return meswitch_octet_spread(lane_words, q, bits);
+}
+
+// Pair j of a spread octet: magic half2, its mantissa position p, and the
+// unbias fma's constants (mul, add).
+void meswitch_host_octet_pair(uint32_t spread, uint32_t j, uint32_t bits, uint32_t out[4]) {
+    out[0] = meswitch_octet_pair_magic(spread, j, bits);
+    out[1] = meswitch_octet_pair_pos(j, bits);
+    out[2] = meswitch_octet_unbias_mul(j, bits);
+    out[3] = meswitch_octet_unbias_add(j, bits);
+}
+
+// The same for pair p of a wide sub-block's words.
+void meswitch_host_wide_pair(const uint32_t* words, uint32_t p, uint32_t bits, uint32_t out[4]) {
+    out[0] = meswitch_wide_pair_code(words, p, bits);
+    out[1] = meswitch_wide_pair_pos(p, bits);
+    out[2] = meswitch_wide_unbias_mul(p, bits);
+    out[3] = meswitch_wide_unbias_add(p, bits);
+}
+
+// The 4 dequantized half2 of octet q (pairs j = 0..3), by the kernels' path
+// (legacy = 0) or by the conversion before it (legacy = 1).
+void meswitch_host_octet_dequant(const uint32_t* lane_words, uint32_t q, uint32_t bits, uint16_t scale,
+                                 uint16_t offset, int use_legacy, uint32_t out[4]) {
+    const uint32_t v = meswitch_octet_spread(lane_words, q, bits);
+    for (uint32_t j = 0; j < 4; ++j) {
+        out[j] = use_legacy ? legacy::dequant(legacy::octet_pair(legacy::octet_field(lane_words, q, bits), j, bits),
+                                              scale, offset)
+                            : dequant_pair(meswitch_octet_pair_magic(v, j, bits), meswitch_octet_unbias_mul(j, bits),
+                                           meswitch_octet_unbias_add(j, bits), scale, offset);
+    }
+}
+
+// The 16 dequantized half2 of a wide sub-block, either way.
+void meswitch_host_wide_dequant(const uint32_t* words, uint32_t bits, uint16_t scale, uint16_t offset,
+                                int use_legacy, uint32_t out[MESWITCH_WIDE_PAIRS]) {
+    for (uint32_t p = 0; p < MESWITCH_WIDE_PAIRS; ++p) {
+        out[p] = use_legacy ? legacy::dequant(legacy::wide_pair(words, p, bits), scale, offset)
+                            : dequant_pair(meswitch_wide_pair_code(words, p, bits), meswitch_wide_unbias_mul(p, bits),
+                                           meswitch_wide_unbias_add(p, bits), scale, offset);
+    }
 }
 
 void meswitch_host_pair_x_octet(const uint32_t x[4], uint32_t out[4]) { meswitch_pair_x_octet(x, out); }
@@ -296,13 +387,17 @@ int meswitch_host_gemv_variant(const MeswitchGemvParams* p, uint32_t bits, uint3
                                 memcpy(w_lo, codes + (size_t)r_lo * words_per_row + col0 * bits / 32, 4 * bits);
                                 memcpy(w_hi, codes + (size_t)r_hi * words_per_row + col0 * bits / 32, 4 * bits);
                                 uint32_t a_lo[4], a_hi[4];
-                                meswitch_octet_to_half2x4(meswitch_octet_field(w_lo, q, bits), bits, a_lo);
-                                meswitch_octet_to_half2x4(meswitch_octet_field(w_hi, q, bits), bits, a_hi);
-                                for (int j = 0; j < 4; ++j) {
-                                    a_lo[j] = dequant_half2(a_lo[j], sc[(size_t)r_lo * n_groups + grp],
-                                                            of[(size_t)r_lo * n_groups + grp]);
-                                    a_hi[j] = dequant_half2(a_hi[j], sc[(size_t)r_hi * n_groups + grp],
-                                                            of[(size_t)r_hi * n_groups + grp]);
+                                const uint32_t v_lo = meswitch_octet_spread(w_lo, q, bits);
+                                const uint32_t v_hi = meswitch_octet_spread(w_hi, q, bits);
+                                for (uint32_t j = 0; j < 4; ++j) {
+                                    const uint32_t mul = meswitch_octet_unbias_mul(j, bits);
+                                    const uint32_t add = meswitch_octet_unbias_add(j, bits);
+                                    a_lo[j] = dequant_pair(meswitch_octet_pair_magic(v_lo, j, bits), mul, add,
+                                                           sc[(size_t)r_lo * n_groups + grp],
+                                                           of[(size_t)r_lo * n_groups + grp]);
+                                    a_hi[j] = dequant_pair(meswitch_octet_pair_magic(v_hi, j, bits), mul, add,
+                                                           sc[(size_t)r_hi * n_groups + grp],
+                                                           of[(size_t)r_hi * n_groups + grp]);
                                 }
                                 uint32_t xv[4] = {0, 0, 0, 0}, xp[4];
                                 if ((rows[i] >> b) & 1ull) load4(x + (size_t)b * in + c, xv);

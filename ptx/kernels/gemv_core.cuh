@@ -89,10 +89,16 @@ __device__ __forceinline__ void meswitch_load_lane_words(const uint32_t* p, uint
     }
 }
 
-// half2 (1024+qa, 1024+qb) -> (offset + scale·qa, offset + scale·qb), one FP16
-// rounding (the subtraction of 1024 is exact).
-__device__ __forceinline__ uint32_t meswitch_dequant_half2(uint32_t magic, __half2 scale, __half2 offset) {
-    __half2 q = __hsub2(*reinterpret_cast<__half2*>(&magic), __half2half2(__ushort_as_half(0x6400)));
+// half2 (1024 + 2^p_lo·qa, 1024 + 2^p_hi·qb) -> (offset + scale·qa, offset +
+// scale·qb): the exact unbias fma with the pair's constants (mul = 2^-p,
+// add = -2^(10-p) per half, delta_unpack.cuh), then one FP16 rounding of
+// q·scale + offset. The host emulation's twin is dequant_pair in
+// ptx/host/unpack_host.cpp (f32 fma, then FP16 rounding: the same values,
+// because the unbias result q is exact).
+__device__ __forceinline__ uint32_t meswitch_dequant_pair(uint32_t magic, uint32_t unbias_mul, uint32_t unbias_add,
+                                                          __half2 scale, __half2 offset) {
+    const __half2 q = __hfma2(*reinterpret_cast<__half2*>(&magic), *reinterpret_cast<__half2*>(&unbias_mul),
+                              *reinterpret_cast<__half2*>(&unbias_add));
     __half2 v = __hfma2(q, scale, offset);
     return *reinterpret_cast<uint32_t*>(&v);
 }
@@ -277,12 +283,13 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
             uint32_t a_lo[MESWITCH_OCTETS_PER_LANE][4], a_hi[MESWITCH_OCTETS_PER_LANE][4];
 #pragma unroll
             for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-                meswitch_octet_to_half2x4(meswitch_octet_field(w_lo[u], q, BITS), BITS, a_lo[q]);
-                meswitch_octet_to_half2x4(meswitch_octet_field(w_hi[u], q, BITS), BITS, a_hi[q]);
+                const uint32_t v_lo = meswitch_octet_spread(w_lo[u], q, BITS);
+                const uint32_t v_hi = meswitch_octet_spread(w_hi[u], q, BITS);
 #pragma unroll
                 for (uint32_t j = 0; j < 4u; ++j) {
-                    a_lo[q][j] = meswitch_dequant_half2(a_lo[q][j], s_lo[u], o_lo[u]);
-                    a_hi[q][j] = meswitch_dequant_half2(a_hi[q][j], s_hi[u], o_hi[u]);
+                    const uint32_t mul = meswitch_octet_unbias_mul(j, BITS), add = meswitch_octet_unbias_add(j, BITS);
+                    a_lo[q][j] = meswitch_dequant_pair(meswitch_octet_pair_magic(v_lo, j, BITS), mul, add, s_lo[u], o_lo[u]);
+                    a_hi[q][j] = meswitch_dequant_pair(meswitch_octet_pair_magic(v_hi, j, BITS), mul, add, s_hi[u], o_hi[u]);
                 }
             }
 #pragma unroll

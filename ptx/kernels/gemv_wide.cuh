@@ -74,8 +74,9 @@ __device__ __forceinline__ void meswitch_wide_subblock(float (&acc)[TILES][4], c
     uint32_t a_lo[MESWITCH_WIDE_PAIRS], a_hi[MESWITCH_WIDE_PAIRS];
 #pragma unroll
     for (uint32_t p = 0; p < MESWITCH_WIDE_PAIRS; ++p) {
-        a_lo[p] = meswitch_dequant_half2(meswitch_wide_pair_code(w_lo, p, BITS), s_lo, o_lo);
-        a_hi[p] = meswitch_dequant_half2(meswitch_wide_pair_code(w_hi, p, BITS), s_hi, o_hi);
+        const uint32_t mul = meswitch_wide_unbias_mul(p, BITS), add = meswitch_wide_unbias_add(p, BITS);
+        a_lo[p] = meswitch_dequant_pair(meswitch_wide_pair_code(w_lo, p, BITS), mul, add, s_lo, o_lo);
+        a_hi[p] = meswitch_dequant_pair(meswitch_wide_pair_code(w_hi, p, BITS), mul, add, s_hi, o_hi);
     }
 #pragma unroll
     for (uint32_t nt = 0; nt < TILES; ++nt) {

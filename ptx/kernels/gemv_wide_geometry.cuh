@@ -109,13 +109,19 @@ MESWITCH_HD void meswitch_wide_advance(uint32_t& i, uint32_t& c, uint32_t step, 
 //
 // A sub-block's 32 columns as 16 half2 pairs, pair p = (column c, column c + D)
 // with D = 16/bits, so that both codes sit in ONE word at bits j·bits and
-// j·bits + 16 (j = p mod D) and one shift + one lop3 turns them into
-// (1024 + code, 1024 + code) with no octet extraction first:
+// j·bits + 16 (j = p mod D) and one lop3 masks them in place into
+// (1024 + 2^pos·code, 1024 + 2^pos·code) with no octet extraction first
+// (delta_unpack.cuh: the code must stay inside the 10-bit mantissa):
 //
 //   bits  D   word k = p / D covers columns 2D·k .. 2D·k + 2D-1,  c = 2D·k + j
 //    4    4   word q = octet q: pairs (c_j, c_j+4), as gemv_core.cuh
 //    2    8   pairs (c_j, c_j+8) of the word's 16 columns
 //    1   16   pairs (c_j, c_j+16) of the word's 32 columns
+//
+//   pair at j·bits < 8: masked in the word as it is, pos = j·bits
+//   pair at j·bits >= 8: masked in word >> 8 (one SHF per word, shared by
+//                        all such pairs), pos = j·bits - 8
+//   so pos <= 7 and pos + bits <= 8 for every bits: exact.
 //
 // mma step m (0..7) takes pairs 2m (k slots 2t, 2t+1) and 2m+1 (2t+8, 2t+9);
 // x is re-paired the same way: (x_c, x_c+D), both halves from 4-byte words of
@@ -130,12 +136,26 @@ MESWITCH_WIDE_HD uint32_t meswitch_wide_pair_col(uint32_t p, uint32_t bits) {
     return (p / d) * 2u * d + p % d;
 }
 
-// (1024 + code of column c, 1024 + code of column c + D) as half2 bits, from
-// the sub-block's `bits` words.
+// Shift of the pair's word (0 or 8) and the codes' mantissa position after it.
+MESWITCH_WIDE_HD uint32_t meswitch_wide_pair_shift(uint32_t p, uint32_t bits) {
+    return MESWITCH_BYTE_BITS * (p % meswitch_wide_pair_distance(bits) * bits / MESWITCH_BYTE_BITS);
+}
+MESWITCH_WIDE_HD uint32_t meswitch_wide_pair_pos(uint32_t p, uint32_t bits) {
+    return p % meswitch_wide_pair_distance(bits) * bits % MESWITCH_BYTE_BITS;
+}
+
+// (1024 + 2^pos·code of column c, 1024 + 2^pos·code of column c + D) as half2
+// bits, from the sub-block's `bits` words.
 MESWITCH_HD uint32_t meswitch_wide_pair_code(const uint32_t* words, uint32_t p, uint32_t bits) {
-    const uint32_t d = meswitch_wide_pair_distance(bits);
-    const uint32_t mask = ((1u << bits) - 1u) * 0x00010001u;
-    return meswitch_and_or(words[p / d] >> ((p % d) * bits), mask, MESWITCH_FP16_1024_X2);
+    return meswitch_pair_magic(words[p / meswitch_wide_pair_distance(bits)], meswitch_wide_pair_shift(p, bits),
+                               meswitch_wide_pair_pos(p, bits), bits);
+}
+// The unbias fma's constants of pair p (delta_unpack.cuh).
+MESWITCH_WIDE_HD uint32_t meswitch_wide_unbias_mul(uint32_t p, uint32_t bits) {
+    return meswitch_unbias_mul2(meswitch_wide_pair_pos(p, bits));
+}
+MESWITCH_WIDE_HD uint32_t meswitch_wide_unbias_add(uint32_t p, uint32_t bits) {
+    return meswitch_unbias_add2(meswitch_wide_pair_pos(p, bits));
 }
 
 // (x_c, x_c+D) as half2 bits, from the sub-block's 16 x words.

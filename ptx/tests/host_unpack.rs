@@ -12,8 +12,8 @@ use proptest::prelude::*;
 extern "C" {
     fn meswitch_host_unpack_code(row_words: *const u32, col: u32, bits: u32) -> u32;
     fn meswitch_host_words_per_row(in_features: u32, bits: u32) -> u32;
-    fn meswitch_host_octet_field(lane_words: *const u32, q: u32, bits: u32) -> u32;
-    fn meswitch_host_octet_to_half2x4(field: u32, bits: u32, out: *mut u32);
+    fn meswitch_host_octet_spread(lane_words: *const u32, q: u32, bits: u32) -> u32;
+    fn meswitch_host_octet_pair(spread: u32, j: u32, bits: u32, out: *mut u32);
     fn meswitch_host_pair_x_octet(x: *const u32, out: *mut u32);
     fn meswitch_host_prmt(a: u32, b: u32, sel: u32) -> u32;
     fn meswitch_host_float_to_half(f: f32) -> u16;
@@ -129,21 +129,23 @@ proptest! {
         prop_assert_eq!(host, unpack_code(&row, col, bits));
     }
 
-    /// Octet q of a lane's words holds columns 8q..8q+7 of the lane, and the
-    /// magic-number conversion yields (1024 + c_j, 1024 + c_{j+4}).
+    /// Octet q of a lane's words holds columns 8q..8q+7, and the shift-free
+    /// conversion yields (1024 + 2^p·c_j, 1024 + 2^p·c_{j+4}) (exhaustive
+    /// exactness: tests/code_conversion.rs).
     #[test]
     fn octet_conversion_matches_reference(bits in bits_strategy(), words in prop::collection::vec(any::<u32>(), 4), q in 0u32..4) {
         let lane_words: Vec<u32> = words[..bits.count() as usize].to_vec();
-        let field = unsafe { meswitch_host_octet_field(lane_words.as_ptr(), q, bits.count()) };
-        let mut out = [0u32; 4];
-        unsafe { meswitch_host_octet_to_half2x4(field, bits.count(), out.as_mut_ptr()) };
-        for (j, &pair) in out.iter().enumerate() {
-            let cj = unpack_code(&lane_words, 8 * q as usize + j, bits);
-            let cj4 = unpack_code(&lane_words, 8 * q as usize + j + 4, bits);
+        let spread = unsafe { meswitch_host_octet_spread(lane_words.as_ptr(), q, bits.count()) };
+        for j in 0..4u32 {
+            let mut out = [0u32; 4];
+            unsafe { meswitch_host_octet_pair(spread, j, bits.count(), out.as_mut_ptr()) };
+            let (pair, scale) = (out[0], (1u32 << out[1]) as f32);
+            let cj = unpack_code(&lane_words, (8 * q + j) as usize, bits);
+            let cj4 = unpack_code(&lane_words, (8 * q + j + 4) as usize, bits);
             let lo = f16::from_bits((pair & 0xFFFF) as u16).to_f32();
             let hi = f16::from_bits((pair >> 16) as u16).to_f32();
-            prop_assert_eq!(lo, 1024.0 + cj as f32, "pair {} low", j);
-            prop_assert_eq!(hi, 1024.0 + cj4 as f32, "pair {} high", j);
+            prop_assert_eq!(lo, 1024.0 + scale * cj as f32, "pair {} low", j);
+            prop_assert_eq!(hi, 1024.0 + scale * cj4 as f32, "pair {} high", j);
         }
     }
 
