@@ -1,9 +1,29 @@
-//! Token sampling: greedy, temperature, top-k, top-p, repetition penalty,
-//! seeded. Applied in llama.cpp's order: repetition penalty on the raw
-//! logits, then (unless greedy) top-k, temperature, softmax, top-p.
+//! Token sampling: logit bias, penalties, greedy, temperature, top-k,
+//! top-p, seeded. Applied in llama.cpp's sampler-chain order:
+//!
+//! ```text
+//!   raw logits ─ logit_bias ─ repetition ─ frequency/presence ─┬─ argmax                 (temperature 0)
+//!                             penalty      penalty              └─ top-k, temperature,
+//!                                                                  softmax, top-p, draw
+//! ```
+//!
+//! The bias comes first so that −100 bans a token and +100 forces it
+//! whatever the penalties do; the penalties act on the biased logits
+//! together, before any truncation, as llama.cpp's `penalties` sampler.
+
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// OpenAI's range for `frequency_penalty` and `presence_penalty`: [−2, 2].
+pub const MAX_PENALTY: f32 = 2.0;
+/// OpenAI's range for a `logit_bias` value: [−100, 100]. A logit moved by
+/// 100 is out of reach of any other (model logits span tens), so the ends
+/// ban or force a token in practice.
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
+/// OpenAI's limit on `logit_bias` entries.
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 300;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -17,6 +37,20 @@ pub struct SamplingParams {
     /// CTRL-style penalty on tokens already in the context: positive logits
     /// are divided by it, negative ones multiplied; 1 = off.
     pub repetition_penalty: f32,
+    /// OpenAI's `frequency_penalty` (in [−2, 2]; 0 = off): `logit[t] -=
+    /// frequency_penalty · count(t)`, where count(t) is how often `t` was
+    /// GENERATED so far in this sequence (OpenAI's definition: the prompt
+    /// does not count, unlike `repetition_penalty`).
+    pub frequency_penalty: f32,
+    /// OpenAI's `presence_penalty` (in [−2, 2]; 0 = off): `logit[t] -=
+    /// presence_penalty` once `t` was generated at least once (same count as
+    /// `frequency_penalty`).
+    pub presence_penalty: f32,
+    /// OpenAI's `logit_bias`: (token id, bias in [−100, 100]) added to the
+    /// raw logit before every other step; at most
+    /// [`MAX_LOGIT_BIAS_ENTRIES`]. Ids past the logits are ignored here (the
+    /// server rejects them against the vocabulary first).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
     /// Most new tokens to generate.
     pub max_tokens: usize,
@@ -32,6 +66,9 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
             max_tokens: 128,
             stop: Vec::new(),
@@ -63,6 +100,31 @@ impl SamplingParams {
                 self.repetition_penalty
             )));
         }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-MAX_PENALTY..=MAX_PENALTY).contains(&v) {
+                return Err(SamplingError(format!(
+                    "{name} {v} must be in [-{MAX_PENALTY}, {MAX_PENALTY}]"
+                )));
+            }
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS_ENTRIES {
+            return Err(SamplingError(format!(
+                "logit_bias has {} entries; at most {MAX_LOGIT_BIAS_ENTRIES}",
+                self.logit_bias.len()
+            )));
+        }
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(b))
+        {
+            return Err(SamplingError(format!(
+                "logit_bias for token {id} is {b}; must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]"
+            )));
+        }
         Ok(())
     }
 }
@@ -70,13 +132,20 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// How often each id was returned by [`Sampler::sample`]: the tokens
+    /// generated so far (the frequency and presence penalties' count).
+    generated: HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler, SamplingError> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Sampler { params, rng })
+        Ok(Sampler {
+            params,
+            rng,
+            generated: HashMap::new(),
+        })
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -84,12 +153,27 @@ impl Sampler {
     }
 
     /// Picks the next token from `logits` (modified in place), given the
-    /// tokens of the context so far (for the repetition penalty).
+    /// tokens of the context so far (prompt and generated, for the
+    /// repetition penalty). The token is counted as generated (for the
+    /// frequency and presence penalties of the next calls).
     pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
+        let token = self.pick(logits, context);
+        *self.generated.entry(token).or_default() += 1;
+        token
+    }
+
+    fn pick(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
         let p = &self.params;
+        apply_logit_bias(logits, &p.logit_bias);
         if p.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, context, p.repetition_penalty);
         }
+        apply_frequency_presence(
+            logits,
+            &self.generated,
+            p.frequency_penalty,
+            p.presence_penalty,
+        );
         if p.temperature == 0.0 {
             return argmax(logits);
         }
@@ -117,6 +201,14 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
+    for &(id, b) in bias {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l += b;
+        }
+    }
+}
+
 fn apply_repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f32) {
     let mut seen = vec![false; logits.len()];
     for &t in context {
@@ -125,6 +217,24 @@ fn apply_repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f32) {
             seen[t] = true;
             let l = &mut logits[t];
             *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+}
+
+/// OpenAI's penalties: `logit[t] -= frequency · count(t) + presence ·
+/// [count(t) > 0]` over the generated counts.
+fn apply_frequency_presence(
+    logits: &mut [f32],
+    generated: &HashMap<u32, u32>,
+    frequency: f32,
+    presence: f32,
+) {
+    if frequency == 0.0 && presence == 0.0 {
+        return;
+    }
+    for (&id, &count) in generated {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l -= frequency * count as f32 + presence;
         }
     }
 }
@@ -260,5 +370,172 @@ mod tests {
         assert!(Sampler::new(params(-1.0, 0, 1.0, 0)).is_err());
         assert!(Sampler::new(params(1.0, 0, 0.0, 0)).is_err());
         assert!(Sampler::new(params(f32::NAN, 0, 1.0, 0)).is_err());
+    }
+
+    fn greedy_with(f: impl FnOnce(&mut SamplingParams)) -> Sampler {
+        let mut p = SamplingParams::default();
+        f(&mut p);
+        Sampler::new(p).unwrap()
+    }
+
+    #[test]
+    fn frequency_penalty_grows_with_each_generated_copy() {
+        let counts = HashMap::from([(1u32, 3u32), (2, 1)]);
+        let mut l = LOGITS.to_vec();
+        apply_frequency_presence(&mut l, &counts, 0.5, 0.0);
+        assert_eq!(l, [1.0, 1.5, 1.5, 0.5, 2.9]);
+        let mut l = LOGITS.to_vec();
+        apply_frequency_presence(&mut l, &counts, -0.5, 0.0);
+        assert_eq!(l, [1.0, 4.5, 2.5, 0.5, 2.9], "negative: promoted");
+    }
+
+    #[test]
+    fn presence_penalty_is_once_whatever_the_count() {
+        let counts = HashMap::from([(1u32, 3u32), (2, 1)]);
+        let mut l = LOGITS.to_vec();
+        apply_frequency_presence(&mut l, &counts, 0.0, 0.75);
+        assert_eq!(l, [1.0, 2.25, 1.25, 0.5, 2.9]);
+        let mut l = LOGITS.to_vec();
+        apply_frequency_presence(&mut l, &counts, 0.25, 0.75);
+        assert_eq!(l, [1.0, 1.5, 1.0, 0.5, 2.9], "both: 0.25·count + 0.75");
+    }
+
+    #[test]
+    fn penalties_count_generated_tokens_not_the_prompt() {
+        // The prompt is full of token 1, but only generated copies count.
+        let prompt = [1u32; 10];
+        let mut s = greedy_with(|p| p.frequency_penalty = 0.2);
+        let draws: Vec<u32> = (0..4)
+            .map(|_| s.sample(&mut LOGITS.to_vec(), &prompt))
+            .collect();
+        // 3.0 vs 2.9: one copy of 1 (2.8) hands over to 4; then 2.8 vs 2.7.
+        assert_eq!(draws, [1, 4, 1, 4]);
+        let mut plain = greedy_with(|_| {});
+        assert!((0..4).all(|_| plain.sample(&mut LOGITS.to_vec(), &prompt) == 1));
+    }
+
+    #[test]
+    fn penalties_come_before_top_k() {
+        // top_k = 1 keeps the best token after the penalty: the same draws
+        // as greedy with the penalty, which leave token 1 once it is seen.
+        let mut top1 = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            presence_penalty: 1.0,
+            seed: 5,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut greedy = greedy_with(|p| p.presence_penalty = 1.0);
+        let draws = |s: &mut Sampler| -> Vec<u32> {
+            (0..6)
+                .map(|_| s.sample(&mut LOGITS.to_vec(), &[]))
+                .collect()
+        };
+        let d = draws(&mut top1);
+        assert_eq!(d, draws(&mut greedy));
+        // 1 (3.0), then 4 (2.9 > 3.0 − 1), then 1 again (2.0 ≥ 2.9 − 1).
+        assert_eq!(d[..3], [1, 4, 1]);
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_even_when_sampling() {
+        let mut ban = greedy_with(|p| p.logit_bias = vec![(1, -MAX_LOGIT_BIAS)]);
+        assert_eq!(ban.sample(&mut LOGITS.to_vec(), &[]), 4);
+        let h = histogram(
+            SamplingParams {
+                temperature: MAX_TEMPERATURE_FOR_TESTS,
+                logit_bias: vec![(3, MAX_LOGIT_BIAS)],
+                seed: 9,
+                ..Default::default()
+            },
+            &LOGITS,
+            500,
+        );
+        assert_eq!(h[3], 500, "{h:?}");
+        // Ids past the logits are ignored, not a panic.
+        let mut off = greedy_with(|p| p.logit_bias = vec![(99, 5.0)]);
+        assert_eq!(off.sample(&mut LOGITS.to_vec(), &[]), 1);
+    }
+
+    #[test]
+    fn logit_bias_comes_before_the_repetition_penalty() {
+        // Bias first: (1.0 + 2.0) / 2 = 1.5 < 1.6. Bias last would give
+        // 1.0 / 2 + 2.0 = 2.5 and pick token 0.
+        let mut s = greedy_with(|p| {
+            p.repetition_penalty = 2.0;
+            p.logit_bias = vec![(0, 2.0)];
+        });
+        assert_eq!(s.sample(&mut [1.0, 1.6], &[0]), 1);
+    }
+
+    #[test]
+    fn out_of_range_penalties_and_biases_are_errors() {
+        let bad = [
+            SamplingParams {
+                frequency_penalty: 2.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                presence_penalty: -2.01,
+                ..Default::default()
+            },
+            SamplingParams {
+                frequency_penalty: f32::NAN,
+                ..Default::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(0, 100.5)],
+                ..Default::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(0, f32::NEG_INFINITY)],
+                ..Default::default()
+            },
+            SamplingParams {
+                logit_bias: (0..=MAX_LOGIT_BIAS_ENTRIES as u32)
+                    .map(|i| (i, 1.0))
+                    .collect(),
+                ..Default::default()
+            },
+        ];
+        for p in bad {
+            assert!(Sampler::new(p.clone()).is_err(), "{p:?}");
+        }
+        let edges = SamplingParams {
+            frequency_penalty: -MAX_PENALTY,
+            presence_penalty: MAX_PENALTY,
+            logit_bias: vec![(0, -MAX_LOGIT_BIAS), (1, MAX_LOGIT_BIAS)],
+            ..Default::default()
+        };
+        assert!(Sampler::new(edges).is_ok());
+    }
+
+    /// OpenAI's top temperature: the flattest distribution a request can ask.
+    const MAX_TEMPERATURE_FOR_TESTS: f32 = 2.0;
+
+    proptest::proptest! {
+        /// Every logit moves by exactly −(f·count + p·[count > 0]).
+        #[test]
+        fn penalties_shift_each_logit_by_its_count(
+            logits in proptest::collection::vec(-20f32..20.0, 1..40),
+            counts in proptest::collection::vec(0u32..5, 1..40),
+            f in -MAX_PENALTY..MAX_PENALTY,
+            p in -MAX_PENALTY..MAX_PENALTY,
+        ) {
+            let generated: HashMap<u32, u32> = counts
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .map(|(i, &c)| (i as u32, c))
+                .collect();
+            let mut out = logits.clone();
+            apply_frequency_presence(&mut out, &generated, f, p);
+            for (i, (&before, &after)) in logits.iter().zip(&out).enumerate() {
+                let c = generated.get(&(i as u32)).copied().unwrap_or(0);
+                let want = before - (f * c as f32 + if c > 0 { p } else { 0.0 });
+                proptest::prop_assert!((after - want).abs() <= 1e-4, "{} {} {}", i, after, want);
+            }
+        }
     }
 }

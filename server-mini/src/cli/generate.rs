@@ -128,6 +128,12 @@ pub struct SamplingArgs {
     /// 1 = off.
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// OpenAI's: minus this times each generated copy of a token; 0 = off.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
+    /// OpenAI's: minus this once a token was generated; 0 = off.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value_t = 128)]
@@ -144,6 +150,9 @@ impl SamplingArgs {
             top_k: self.top_k,
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            logit_bias: Vec::new(),
             seed: self.seed,
             max_tokens: self.max_tokens,
             stop: self.stop.clone(),

@@ -25,11 +25,12 @@ use super::metrics::{self, Metrics};
 use super::openai::{self, Endpoint};
 use super::prompt::Prompter;
 use super::responses::{self, ChoiceOut, RouteInfo, Served, Usage};
+use super::sampling_fields;
 use super::stream::{self, Accounting, SseBody};
 use crate::engine::{
     Engine, Event, ExpertChoice, GenRequest, RequestHandle, RouteDecision, SubmitError, Tier,
 };
-use crate::sampling::SamplingParams;
+use crate::generate::Detokenize;
 
 pub type ResponseBody = BoxBody<Bytes, std::convert::Infallible>;
 
@@ -344,22 +345,21 @@ async fn generate(
         Some(m) => m,
         None => limits.default_max_tokens.min(room),
     };
+    // Ids past the tokenizer's vocabulary are never sampled (the engine
+    // masks them): a bias on one is a mistake to report, not to ignore.
+    if let Some(vocab) = Detokenize::vocab_size(state.prompter.tokenizer()) {
+        sampling_fields::check_vocab(&r.sampling.logit_bias, vocab)?;
+    }
     // One id per choice: an unseeded request's choices draw with seeds
     // id..id+n, distinct from every other request's.
     let id = state.next_id.fetch_add(r.n as u64, Ordering::Relaxed);
-    let seed = r.seed.unwrap_or(id);
+    let seed = r.sampling.seed.unwrap_or(id);
     // The n choices are n engine requests; dropping `handles` (an error
     // return, a client gone) cancels every one of them.
     let submit = |i: usize, choice: ExpertChoice| {
-        let params = SamplingParams {
-            temperature: r.temperature,
-            top_k: r.top_k,
-            top_p: r.top_p,
-            repetition_penalty: r.repetition_penalty,
-            seed: seed.wrapping_add(i as u64),
-            max_tokens,
-            stop: r.stop.clone(),
-        };
+        let params = r
+            .sampling
+            .params(seed.wrapping_add(i as u64), max_tokens, r.stop.clone());
         let request = GenRequest {
             prompt: prompt.clone(),
             choice,

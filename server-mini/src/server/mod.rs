@@ -17,6 +17,7 @@ pub mod openai;
 pub mod policy;
 pub mod prompt;
 pub mod responses;
+pub mod sampling_fields;
 pub mod serving;
 pub mod stream;
 

@@ -9,13 +9,12 @@
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+pub use super::sampling_fields::{SamplingFields, MAX_TEMPERATURE};
 use crate::chat::ChatMessage;
 use crate::engine::MAX_TOP_LOGPROBS;
 
 /// OpenAI's limit on `stop` sequences.
 pub const MAX_STOP_SEQUENCES: usize = 4;
-/// OpenAI's range for `temperature`.
-pub const MAX_TEMPERATURE: f64 = 2.0;
 /// Most choices (`n`) one request may ask for: each is a sequence in the
 /// engine's batch, so a large `n` is a large share of it.
 pub const MAX_CHOICES: usize = 8;
@@ -40,11 +39,8 @@ pub struct CompletionRequest {
     pub stream: bool,
     /// None: as many as the context allows, up to the server's default.
     pub max_tokens: Option<usize>,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: usize,
-    pub repetition_penalty: f32,
-    pub seed: Option<u64>,
+    /// Temperature, top-p/k, penalties, logit bias, seed.
+    pub sampling: SamplingFields,
     pub stop: Vec<String>,
     /// Choices to generate (1..=[`MAX_CHOICES`]).
     pub n: usize,
@@ -83,18 +79,18 @@ impl Endpoint {
 }
 
 /// Typed access to the fields of a JSON object, each error naming its field.
-struct Fields<'a>(&'a Map<String, Value>);
+pub(super) struct Fields<'a>(&'a Map<String, Value>);
 
 fn wrong_type(param: &str, expected: &str) -> ApiError {
     ApiError::invalid(Some(param), format!("`{param}` must be {expected}"))
 }
 
 impl Fields<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(super) fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key).filter(|v| !v.is_null())
     }
 
-    fn string(&self, key: &str) -> Result<Option<String>, ApiError> {
+    pub(super) fn string(&self, key: &str) -> Result<Option<String>, ApiError> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -102,7 +98,7 @@ impl Fields<'_> {
         }
     }
 
-    fn boolean(&self, key: &str) -> Result<Option<bool>, ApiError> {
+    pub(super) fn boolean(&self, key: &str) -> Result<Option<bool>, ApiError> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -110,7 +106,7 @@ impl Fields<'_> {
         }
     }
 
-    fn number(&self, key: &str) -> Result<Option<f64>, ApiError> {
+    pub(super) fn number(&self, key: &str) -> Result<Option<f64>, ApiError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -121,7 +117,7 @@ impl Fields<'_> {
         }
     }
 
-    fn unsigned(&self, key: &str) -> Result<Option<u64>, ApiError> {
+    pub(super) fn unsigned(&self, key: &str) -> Result<Option<u64>, ApiError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -178,36 +174,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
         Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
         None => None,
     };
-    let temperature = f.number("temperature")?.unwrap_or(1.0);
-    if !(0.0..=MAX_TEMPERATURE).contains(&temperature) {
-        return Err(ApiError::invalid(
-            Some("temperature"),
-            format!("`temperature` must be in [0, {MAX_TEMPERATURE}]"),
-        ));
-    }
-    let top_p = f.number("top_p")?.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid(
-            Some("top_p"),
-            "`top_p` must be in (0, 1]",
-        ));
-    }
-    let top_k = f.unsigned("top_k")?.unwrap_or(0);
-    let repetition_penalty = f.number("repetition_penalty")?.unwrap_or(1.0);
-    if repetition_penalty <= 0.0 {
-        return Err(ApiError::invalid(
-            Some("repetition_penalty"),
-            "`repetition_penalty` must be > 0",
-        ));
-    }
-    for unsupported in ["frequency_penalty", "presence_penalty"] {
-        if f.number(unsupported)?.is_some_and(|x| x != 0.0) {
-            return Err(ApiError::invalid(
-                Some(unsupported),
-                format!("`{unsupported}` is not supported (use repetition_penalty)"),
-            ));
-        }
-    }
+    let sampling = super::sampling_fields::parse(&f)?;
     let logprobs = match endpoint {
         Endpoint::Chat => chat_logprobs(&f)?,
         Endpoint::Completions => completion_logprobs(&f)?,
@@ -218,11 +185,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
         input,
         stream,
         max_tokens,
-        temperature: temperature as f32,
-        top_p: top_p as f32,
-        top_k: usize::try_from(top_k).unwrap_or(usize::MAX),
-        repetition_penalty: repetition_penalty as f32,
-        seed: f.unsigned("seed")?,
+        sampling,
         stop: parse_stop(f.get("stop"))?,
         n: n as usize,
         logprobs,
@@ -418,7 +381,10 @@ mod tests {
         );
         assert!(r.stream);
         assert_eq!(r.max_tokens, Some(7));
-        assert_eq!((r.temperature, r.top_p, r.seed), (0.5, 0.9, Some(3)));
+        assert_eq!(
+            (r.sampling.temperature, r.sampling.top_p, r.sampling.seed),
+            (0.5, 0.9, Some(3))
+        );
         assert_eq!(r.stop, vec!["\n".to_string()]);
     }
 
