@@ -26,6 +26,16 @@ pub trait Detokenize {
     fn vocab_size(&self) -> Option<usize> {
         None
     }
+    /// The raw bytes token `id` adds to the text, a piece of a UTF-8
+    /// character included (OpenAI's logprob `bytes`); None when unknown.
+    /// By default the token decoded alone, unless that is a partial
+    /// character (decoded as U+FFFD, which has lost the bytes).
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        self.detokenize(&[id])
+            .ok()
+            .filter(|t| !t.contains('\u{FFFD}'))
+            .map(String::into_bytes)
+    }
 }
 
 impl Detokenize for crate::tokenizer::Tokenizer {
@@ -34,6 +44,9 @@ impl Detokenize for crate::tokenizer::Tokenizer {
     }
     fn vocab_size(&self) -> Option<usize> {
         Some(crate::tokenizer::Tokenizer::vocab_size(self))
+    }
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        crate::tokenizer::Tokenizer::token_bytes(self, id)
     }
 }
 

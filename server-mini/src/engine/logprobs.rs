@@ -5,8 +5,9 @@
 //! is the model's raw logits with ids past the tokenizer's vocabulary masked
 //! to -inf, *before* the repetition penalty, top-k, temperature and top-p.
 //! So the figure is the model's own probability of the token, the same
-//! whatever the sampling settings (OpenAI does not say which it reports;
-//! vLLM reports this one by default).
+//! whatever the sampling settings, `logit_bias` and the frequency and
+//! presence penalties included (OpenAI does not say which it reports; vLLM
+//! reports this one by default).
 
 use serde::Serialize;
 
@@ -21,6 +22,9 @@ pub struct Candidate {
     /// The token detokenized on its own (a partial UTF-8 character shows as
     /// U+FFFD, as the tokenizer decodes it).
     pub text: String,
+    /// The token's raw bytes (`Detokenize::token_bytes`): a partial UTF-8
+    /// character's real bytes, where `text` has U+FFFD. None: unknown.
+    pub bytes: Option<Vec<u8>>,
     pub logprob: f32,
 }
 

@@ -194,9 +194,12 @@ fn token_logprob(
 ) -> Result<TokenLogprob, String> {
     let (logprob, best) = log_softmax_top(logits, token, top);
     let candidate = |id: u32, logprob: f32| {
-        detok
-            .detokenize(&[id])
-            .map(|text| Candidate { id, text, logprob })
+        detok.detokenize(&[id]).map(|text| Candidate {
+            id,
+            text,
+            bytes: detok.token_bytes(id),
+            logprob,
+        })
     };
     Ok(TokenLogprob {
         sampled: candidate(token, logprob)?,
@@ -305,6 +308,7 @@ mod tests {
         let lp = p.logprob.unwrap();
         assert_eq!(lp.sampled.id, 2);
         assert_eq!(lp.sampled.text, "c");
+        assert_eq!(lp.sampled.bytes.as_deref(), Some(&b"c"[..]));
         let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
         let want = |id: usize| ((logits[id] as f64).exp() / z).ln() as f32;
         assert!((lp.sampled.logprob - want(2)).abs() < 1e-6);
@@ -321,5 +325,33 @@ mod tests {
             .on_logits(&mut one_hot(26, 25), &Letters, &[25])
             .unwrap();
         assert_eq!((eos.done, eos.logprob), (Some(StopReason::Eos), None));
+    }
+
+    /// Token 0 is the first byte of "é" (C3 A9), token 1 the second.
+    struct HalfChars;
+    impl Detokenize for HalfChars {
+        fn detokenize(&self, ids: &[u32]) -> Result<String, String> {
+            let bytes: Vec<u8> = ids.iter().map(|&i| [0xC3, 0xA9][i as usize]).collect();
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        }
+        fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+            Some(vec![[0xC3, 0xA9][id as usize]])
+        }
+    }
+
+    #[test]
+    fn logprob_candidates_carry_raw_bytes_of_partial_characters() {
+        let mut s = Sequence::new(vec![0], SamplingParams::default(), Some(2)).unwrap();
+        s.advance(1);
+        let p = s.on_logits(&mut [1.0, 0.0], &HalfChars, &[]).unwrap();
+        let lp = p.logprob.unwrap();
+        assert_eq!(lp.sampled.text, "\u{FFFD}");
+        assert_eq!(lp.sampled.bytes, Some(vec![0xC3]));
+        assert_eq!(lp.top[1].bytes, Some(vec![0xA9]));
+        // The default: whole characters give their text's bytes; a partial
+        // one (U+FFFD has lost them) gives none.
+        let lossy = |ids: &[u32]| HalfChars.detokenize(ids);
+        assert_eq!(lossy.token_bytes(0), None);
+        assert_eq!(Letters.token_bytes(2), Some(b"c".to_vec()));
     }
 }

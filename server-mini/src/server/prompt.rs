@@ -57,6 +57,9 @@ impl Detokenize for SharedTokenizer {
     fn vocab_size(&self) -> Option<usize> {
         Detokenize::vocab_size(&*self.0)
     }
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        self.0.token_bytes(id)
+    }
 }
 
 /// Turns request inputs into prompt ids.

@@ -146,6 +146,9 @@ fn logprob_value(l: f32) -> f32 {
 ///   {"content": [{"token", "logprob", "bytes": [u8..], "top_logprobs": [{"token", "logprob", "bytes"}..]}..]}
 /// ```
 ///
+/// `bytes` are the token's own (a piece of a UTF-8 character shows its real
+/// bytes where `token` has U+FFFD), null when the tokenizer cannot say.
+///
 /// completions (`text_offset`: in characters of the completion text, the
 /// first token at `text_offset`, for a stream's later chunks):
 ///
@@ -159,7 +162,7 @@ pub fn logprobs_json(endpoint: Endpoint, tokens: &[TokenLogprob], text_offset: u
                 serde_json::json!({
                     "token": c.text,
                     "logprob": logprob_value(c.logprob),
-                    "bytes": c.text.as_bytes(),
+                    "bytes": c.bytes,
                 })
             };
             let content: Vec<Value> = tokens
@@ -227,6 +230,7 @@ mod tests {
         let c = |id, text: &str, logprob| crate::engine::Candidate {
             id,
             text: text.to_string(),
+            bytes: Some(text.as_bytes().to_vec()),
             logprob,
         };
         TokenLogprob {
@@ -268,6 +272,18 @@ mod tests {
             serde_json::json!([10, 12]),
             "in characters"
         );
+    }
+
+    #[test]
+    fn chat_bytes_are_the_token_s_not_its_text_s() {
+        let mut partial = token(3, "\u{FFFD}", -0.2, &[]);
+        partial.sampled.bytes = Some(vec![0xE6]);
+        let mut unknown = token(4, "?", -0.3, &[]);
+        unknown.sampled.bytes = None;
+        let chat = logprobs_json(Endpoint::Chat, &[partial, unknown], 0);
+        assert_eq!(chat["content"][0]["token"], "\u{FFFD}");
+        assert_eq!(chat["content"][0]["bytes"], serde_json::json!([0xE6]));
+        assert_eq!(chat["content"][1]["bytes"], Value::Null);
     }
 
     #[test]

@@ -503,6 +503,7 @@ mod tests {
             sampled: Candidate {
                 id: 1,
                 text: text.into(),
+                bytes: None,
                 logprob: -1.0,
             },
             top: Vec::new(),

@@ -6,6 +6,7 @@
 //! copies of the HF tokenizer, identical except for `encode_special_tokens`, because that switch is
 //! a setting of the tokenizer, not an argument of `encode`.
 
+mod bytes;
 mod from_gguf;
 mod spm;
 
@@ -70,6 +71,7 @@ pub struct Tokenizer {
     add_bos: bool,
     eos: Vec<u32>,
     vocab_size: usize,
+    token_bytes: bytes::TokenBytes,
 }
 
 impl Tokenizer {
@@ -91,6 +93,7 @@ impl Tokenizer {
         let mut plain = special.clone();
         plain.set_encode_special_tokens(true);
         let vocab_size = special.get_vocab_size(true);
+        let token_bytes = bytes::TokenBytes::new(&special);
         // GGUF vocabularies have no post-processor: BOS is ours to add.
         let fix_bos = if add_bos && !post_process {
             BosFix::Prepend
@@ -106,6 +109,7 @@ impl Tokenizer {
             add_bos,
             eos,
             vocab_size,
+            token_bytes,
         }
     }
 
@@ -236,6 +240,13 @@ impl Tokenizer {
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
+    }
+
+    /// The raw bytes token `id` adds to the decoded text, a piece of a
+    /// UTF-8 character included (see `bytes.rs`); none for special tokens;
+    /// None outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        self.token_bytes.of(&self.special, id)
     }
 
     /// Text of a token id in the vocabulary (raw byte-level form for BPE), if any.
