@@ -114,20 +114,48 @@ __device__ __forceinline__ uint32_t meswitch_dequant_pair(uint32_t magic, uint32
 #define MESWITCH_DELTA_ITEMS_IN_FLIGHT(tiles, bits) \
     ((tiles) >= 8u ? 1u : (tiles) >= 4u || ((tiles) >= 2u && (bits) == 4) ? 2u : 4u)
 
+// x masking by address. A batch row that must contribute nothing to an mma
+// (not the expert's, or past the batch) gets its B fragment from this
+// all-zero array instead of from x: one address select per n-tile, where
+// zeroing the loaded registers took one SEL per register (16 per n-tile).
+// The loaded values are the same +0.0 halves, so the products are the same
+// bits. Never written: zero-initialized at module load, read with
+// ld.global.nc. Sized for the widest pattern a lane reads from its base
+// address, the base pass's octets at 32q + 0..7 halves (the delta items read
+// 8q + 0..7):
+//
+//   halves  0 .. 7 | 8 .. 31 | 32 .. 39 | ... | 96 .. 103
+//   base    q = 0  |  (gap)  | q = 1    | ... | q = 3
+//   delta   q = 0..3 in 0 .. 31
+#define MESWITCH_X_OCTET_HALVES 8u
+#define MESWITCH_BASE_OCTET_STRIDE 32u
+#define MESWITCH_ZERO_X_HALVES (MESWITCH_BASE_OCTET_STRIDE * (MESWITCH_OCTETS_PER_LANE - 1u) + MESWITCH_X_OCTET_HALVES)
+__device__ uint4 meswitch_zero_x[MESWITCH_ZERO_X_HALVES / MESWITCH_X_OCTET_HALVES];
+
+// The base of a lane's x loads for batch row b: row b of x from column col
+// on when `use_row`, else the zero array. A selp in inline PTX: written as
+// `?:`, the compiler branches around the row's address arithmetic instead
+// (a BSSY/BSYNC pair and moves, more instructions than the select saves).
+__device__ __forceinline__ const __half* meswitch_x_or_zero(const __half* x, bool use_row, uint32_t b, uint32_t in,
+                                                            uint32_t col) {
+    const __half* row = x + (size_t)b * in + col;
+    const __half* zero = reinterpret_cast<const __half*>(meswitch_zero_x);
+    const __half* base;
+    asm("{\n\t.reg .pred use;\n\tsetp.ne.u32 use, %3, 0;\n\tselp.b64 %0, %1, %2, use;\n\t}"
+        : "=l"(base)
+        : "l"(row), "l"(zero), "r"((uint32_t)use_row));
+    return base;
+}
+
 // The x values of batch row b that a lane's 4 octets multiply: 16 bytes per
 // octet from column col on, or zeros when the row is not the expert's (its
-// bit clear in `rows`; a b past the batch is never set, and its address is
-// clamped to the last row so the loads stay in bounds).
+// bit clear in `rows`; a b past the batch is never set).
 __device__ __forceinline__ void meswitch_load_x_octets(const __half* x, unsigned long long rows, uint32_t b,
-                                                       uint32_t batch, uint32_t in, uint32_t col,
+                                                       uint32_t in, uint32_t col,
                                                        uint4 (&xv)[MESWITCH_OCTETS_PER_LANE]) {
-    const bool mine = (rows >> b) & 1ull;
-    const __half* xb = x + (size_t)min(b, batch - 1u) * in + col;
+    const __half* xb = meswitch_x_or_zero(x, (rows >> b) & 1ull, b, in, col);
 #pragma unroll
-    for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-        xv[q] = meswitch_ld16(xb + 8u * q);
-        if (!mine) xv[q] = make_uint4(0, 0, 0, 0);
-    }
+    for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) xv[q] = meswitch_ld16(xb + MESWITCH_X_OCTET_HALVES * q);
 }
 
 // (lo, hi) -> half2 bits, lo in the low 16 bits (the lower k index of an mma register).
@@ -222,12 +250,11 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
                     if (nt < n_tiles) {
                         // The tile's x for all octets first: one memory latency, not four.
                         const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
-                        const __half* xb = x + (size_t)min(b, batch - 1u) * in + col0;
+                        const __half* xb = meswitch_x_or_zero(x, b < batch, b, in, col0);
                         uint4 xv[MESWITCH_OCTETS_PER_LANE];
 #pragma unroll
                         for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
-                            xv[q] = meswitch_ld16(xb + 32u * q);
-                            if (b >= batch) xv[q] = make_uint4(0, 0, 0, 0);
+                            xv[q] = meswitch_ld16(xb + MESWITCH_BASE_OCTET_STRIDE * q);
                         }
 #pragma unroll
                         for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
@@ -297,7 +324,7 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
                 // Warp-uniform: skip n-tiles with no row of this expert.
                 if (nt < n_tiles && ((rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 0xFFull) != 0ull) {
                     uint4 xv[MESWITCH_OCTETS_PER_LANE];
-                    meswitch_load_x_octets(x, rows, nt * MESWITCH_GEMV_BATCH_TILE + g, batch, in, col0, xv);
+                    meswitch_load_x_octets(x, rows, nt * MESWITCH_GEMV_BATCH_TILE + g, in, col0, xv);
 #pragma unroll
                     for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
                         const uint32_t xo[4] = {xv[q].x, xv[q].y, xv[q].z, xv[q].w};
