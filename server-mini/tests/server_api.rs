@@ -724,6 +724,7 @@ async fn logprobs_in_openai_shapes_streamed_and_not() {
     let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert!(!content.is_empty());
     assert!(content.len() <= v["usage"]["completion_tokens"].as_u64().unwrap() as usize);
+    let mut all_bytes = Vec::new();
     for t in content {
         let token = t["token"].as_str().unwrap();
         let bytes: Vec<u8> = t["bytes"]
@@ -732,7 +733,12 @@ async fn logprobs_in_openai_shapes_streamed_and_not() {
             .iter()
             .map(|b| b.as_u64().unwrap() as u8)
             .collect();
-        assert_eq!(bytes, token.as_bytes());
+        // The token's own bytes: its text's, unless it is a piece of a
+        // character (shown as U+FFFD).
+        if !token.contains('\u{FFFD}') {
+            assert_eq!(bytes, token.as_bytes());
+        }
+        all_bytes.extend(bytes);
         let lp = t["logprob"].as_f64().unwrap();
         assert!(lp <= 0.0);
         let top = t["top_logprobs"].as_array().unwrap();
@@ -742,6 +748,11 @@ async fn logprobs_in_openai_shapes_streamed_and_not() {
             .windows(2)
             .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()));
     }
+    assert_eq!(
+        String::from_utf8_lossy(&all_bytes),
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        "the tokens' bytes end to end are the answer"
+    );
     let streamed = post(
         s.addr,
         "/v1/chat/completions",
@@ -904,5 +915,150 @@ async fn auto_with_the_trained_hidden_state_router() {
     ] {
         assert_eq!(again.header(h), first.header(h), "{h}");
     }
+    s.shutdown().await;
+}
+
+/// The demo tokenizer spells byte b as token id `DEMO_FIRST_BYTE_ID + b`
+/// (synth/tokenizer.rs), so a logprob's `bytes` name its token.
+const DEMO_FIRST_BYTE_ID: u32 = 3;
+
+/// A chat answer's token ids (from its logprobs' bytes) and content.
+async fn greedy_ids(addr: std::net::SocketAddr, extra: &str) -> (Vec<u32>, String) {
+    let body = chat_body(
+        "expert-02",
+        "Tell me about rivers and lakes.",
+        &format!(r#","max_tokens":24,"temperature":0,"logprobs":true{extra}"#),
+    );
+    let r = post(addr, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let ids = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let bytes = t["bytes"].as_array().unwrap();
+            assert_eq!(bytes.len(), 1, "one byte per demo token: {t}");
+            DEMO_FIRST_BYTE_ID + bytes[0].as_u64().unwrap() as u32
+        })
+        .collect();
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (ids, content)
+}
+
+/// `logit_bias` −100 bans tokens from a greedy answer, +100 forces one even
+/// when sampling; a forced piece of a UTF-8 character reports its real byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_bans_and_forces_tokens() {
+    let s = start(Setup::default()).await;
+    let (greedy, _) = greedy_ids(s.addr, "").await;
+    assert!(!greedy.is_empty());
+    let mut banned = greedy.clone();
+    banned.sort_unstable();
+    banned.dedup();
+    let bias: Vec<String> = banned.iter().map(|id| format!(r#""{id}":-100"#)).collect();
+    let (without, _) =
+        greedy_ids(s.addr, &format!(r#","logit_bias":{{{}}}"#, bias.join(","))).await;
+    assert!(!without.is_empty());
+    assert!(
+        without.iter().all(|id| !banned.contains(id)),
+        "banned {banned:?}, got {without:?}"
+    );
+
+    // '~' forced: every token, greedy or sampled.
+    let tilde = DEMO_FIRST_BYTE_ID + u32::from(b'~');
+    let (forced, content) =
+        greedy_ids(s.addr, &format!(r#","logit_bias":{{"{tilde}":100}}"#)).await;
+    assert_eq!(forced, vec![tilde; 24]);
+    assert_eq!(content, "~".repeat(24));
+    let sampled = post(
+        s.addr,
+        "/v1/completions",
+        &format!(
+            r#"{{"model":"expert-02","prompt":"Rivers","max_tokens":16,"temperature":2,"seed":3,"logit_bias":{{"{tilde}":100}}}}"#
+        ),
+    )
+    .await
+    .json();
+    assert_eq!(sampled["choices"][0]["text"], "~".repeat(16));
+
+    // The first byte of "é" (C3) alone: the text shows U+FFFD, bytes the byte.
+    let c3 = DEMO_FIRST_BYTE_ID + 0xC3;
+    let body = chat_body(
+        "expert-02",
+        "Hi",
+        &format!(r#","max_tokens":2,"temperature":0,"logprobs":true,"logit_bias":{{"{c3}":100}}"#),
+    );
+    let v = post(s.addr, "/v1/chat/completions", &body).await.json();
+    for t in v["choices"][0]["logprobs"]["content"].as_array().unwrap() {
+        assert_eq!(t["token"], "\u{FFFD}");
+        assert_eq!(t["bytes"], serde_json::json!([0xC3]), "{t}");
+    }
+    s.shutdown().await;
+}
+
+/// OpenAI's frequency penalty counts generated tokens: a greedy answer is
+/// unchanged up to its first repeated token, and changes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frequency_penalty_changes_a_repeating_greedy_answer() {
+    let s = start(Setup::default()).await;
+    let (plain, _) = greedy_ids(s.addr, "").await;
+    let first_repeat = (1..plain.len())
+        .find(|&k| plain[..k].contains(&plain[k]))
+        .expect("a 24-token greedy answer over a tiny model repeats a token");
+    let (penalised, _) = greedy_ids(s.addr, r#","frequency_penalty":2"#).await;
+    assert_eq!(
+        penalised[..first_repeat],
+        plain[..first_repeat],
+        "before any repeat the penalty touches no winner"
+    );
+    assert_ne!(penalised, plain);
+    // Zero penalties are the plain answer (no longer refused).
+    let (zero, _) = greedy_ids(s.addr, r#","frequency_penalty":0,"presence_penalty":0"#).await;
+    assert_eq!(zero, plain);
+    s.shutdown().await;
+}
+
+/// Out-of-range penalties and malformed or out-of-vocabulary `logit_bias`
+/// are 400s naming their field; the server serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_field_errors_name_their_param() {
+    let s = start(Setup::default()).await;
+    let cases = [
+        (r#","frequency_penalty":2.5"#, "frequency_penalty"),
+        (r#","presence_penalty":-2.5"#, "presence_penalty"),
+        (r#","presence_penalty":"high""#, "presence_penalty"),
+        (r#","logit_bias":[5]"#, "logit_bias"),
+        (r#","logit_bias":{"five":1}"#, "logit_bias"),
+        (r#","logit_bias":{"5":101}"#, "logit_bias"),
+        // Past the demo tokenizer's 259 ids (the model's 512 rows included).
+        (r#","logit_bias":{"300":1}"#, "logit_bias"),
+        (r#","logit_bias":{"99999":-5}"#, "logit_bias"),
+    ];
+    for (extra, param) in cases {
+        for path in ["/v1/chat/completions", "/v1/completions"] {
+            let body = match path {
+                "/v1/completions" => format!(r#"{{"model":"expert-01","prompt":"x"{extra}}}"#),
+                _ => chat_body("expert-01", "x", extra),
+            };
+            let r = post(s.addr, path, &body).await;
+            assert_eq!(r.status, 400, "{path} {extra}: {}", r.text());
+            assert_eq!(r.error()["param"].as_str(), Some(param), "{path} {extra}");
+        }
+    }
+    let ok = post(
+        s.addr,
+        "/v1/chat/completions",
+        &chat_body(
+            "expert-01",
+            "x",
+            r#","max_tokens":2,"logit_bias":{"258":-100}"#,
+        ),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
     s.shutdown().await;
 }
