@@ -170,8 +170,8 @@ void host_wide_delta_items(const MeswitchExpertDelta* experts, const std::vector
     const uint32_t n_items = (uint32_t)active.size() * n_per, G = meswitch_wide_lane_groups(bits, group);
     // The kernel's item walk (no division), checked against k / n_per.
     uint32_t i = 0, c = 0;
-    meswitch_wide_advance(i, c, warp, n_per);
-    for (uint32_t k = warp; k < n_items; k += MESWITCH_GEMV_WARPS, meswitch_wide_advance(i, c, MESWITCH_GEMV_WARPS, n_per)) {
+    meswitch_item_advance(i, c, warp, n_per);
+    for (uint32_t k = warp; k < n_items; k += MESWITCH_GEMV_WARPS, meswitch_item_advance(i, c, MESWITCH_GEMV_WARPS, n_per)) {
         if (i != k / n_per || c != k % n_per) abort();
         const MeswitchExpertDelta& d = experts[active[i]];
         const uint16_t* sc = (const uint16_t*)d.scales;

@@ -92,6 +92,20 @@ MESWITCH_HD uint32_t meswitch_lane_group(uint32_t chunk, uint32_t t, uint32_t gr
     return group_size == MESWITCH_GROUP_ROW ? 0u : col0 / group_size;
 }
 
+// The delta items of a GEMV are the (active expert i, item c) pairs, item
+// k = i·n_per + c, and warp w takes k = w, w + WARPS, ...; (i, c) is carried
+// from one item to the next by subtraction instead of k / n_per and
+// k % n_per (a division by a run-time value, several IMAD.HI each):
+// advances (i, c) by `step` items, at most step / n_per + 1 iterations,
+// warp-uniform.
+MESWITCH_HD void meswitch_item_advance(uint32_t& i, uint32_t& c, uint32_t step, uint32_t n_per) {
+    c += step;
+    while (c >= n_per) {
+        c -= n_per;
+        ++i;
+    }
+}
+
 // prmt.b32 in its default mode: byte i of the result is byte sel_i of the
 // 8-byte value {b, a} (a = bytes 0..3), sel_i = nibble i of `sel` (low 3 bits;
 // the sign-replicate bit is never used here).

@@ -275,17 +275,42 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
         meswitch_wide_delta_items<BITS, GROUP, TILES>(acc, s_delta, s_rows, n_active, warp, g, t, r_lo, r_hi,
                                                       n_tiles, batch, in, x);
     } else {
-    const uint32_t n_items = n_active * n_chunks;
-    for (uint32_t first = warp; first < n_items;
-         first += MESWITCH_GEMV_WARPS * MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)) {
-        uint32_t w_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)][4], w_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)][4];
-        __half2 s_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)], s_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)];
-        __half2 o_lo[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)], o_hi[MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS)];
+    constexpr uint32_t IN_FLIGHT = MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS);
+    // (i, chunk) of the warp's next item k = i·n_chunks + chunk (k = warp,
+    // warp + WARPS, ...). With several items in flight it is carried by
+    // subtraction (meswitch_item_advance), with no k / n_chunks or
+    // k % n_chunks per item. With one, the division stays: there the carry
+    // costs more than it saves (static SASS at 8 n-tiles: 552 -> 586 per 128
+    // columns x expert, INT2; the variants sit at the 128-register cap).
+    constexpr bool CARRY = IN_FLIGHT > 1u;
+    uint32_t next_k = warp, next_i = 0, next_chunk = 0;
+    if (CARRY) {
+        meswitch_item_advance(next_i, next_chunk, warp, n_chunks);
+    } else {
+        next_i = warp / n_chunks;
+        next_chunk = warp % n_chunks;
+    }
+    while (next_i < n_active) {
+        uint32_t it_i[IN_FLIGHT], it_chunk[IN_FLIGHT];
 #pragma unroll
-        for (uint32_t u = 0; u < MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS); ++u) {
+        for (uint32_t u = 0; u < IN_FLIGHT; ++u) {
+            it_i[u] = next_i;
+            it_chunk[u] = next_chunk;
+            if (CARRY) {
+                meswitch_item_advance(next_i, next_chunk, MESWITCH_GEMV_WARPS, n_chunks);
+            } else {
+                next_k += MESWITCH_GEMV_WARPS;
+                next_i = next_k / n_chunks;
+                next_chunk = next_k % n_chunks;
+            }
+        }
+        uint32_t w_lo[IN_FLIGHT][4], w_hi[IN_FLIGHT][4];
+        __half2 s_lo[IN_FLIGHT], s_hi[IN_FLIGHT], o_lo[IN_FLIGHT], o_hi[IN_FLIGHT];
+#pragma unroll
+        for (uint32_t u = 0; u < IN_FLIGHT; ++u) {
             // Past the end: reload the last item (valid memory), never used.
-            const uint32_t k = min(first + u * MESWITCH_GEMV_WARPS, n_items - 1u);
-            const uint32_t i = k / n_chunks, chunk = k % n_chunks;
+            const bool live = it_i[u] < n_active;
+            const uint32_t i = live ? it_i[u] : n_active - 1u, chunk = live ? it_chunk[u] : n_chunks - 1u;
             const MeswitchExpertDelta& d = s_delta[i];
             const uint32_t grp = meswitch_lane_group(chunk, t, GROUP);
             const __half* scales = reinterpret_cast<const __half*>(d.scales);
@@ -300,12 +325,10 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
             meswitch_load_lane_words<BITS>(codes + (size_t)r_hi * words_per_row + lane_word, w_hi[u]);
         }
 #pragma unroll
-        for (uint32_t u = 0; u < MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS); ++u) {
-            const uint32_t k = first + u * MESWITCH_GEMV_WARPS;
-            if (k >= n_items) break;  // warp-uniform
-            const uint32_t i = k / n_chunks, chunk = k % n_chunks;
-            const unsigned long long rows = s_rows[i];
-            const uint32_t col0 = chunk * MESWITCH_GEMV_K_CHUNK + 32u * t;
+        for (uint32_t u = 0; u < IN_FLIGHT; ++u) {
+            if (it_i[u] >= n_active) break;  // warp-uniform
+            const unsigned long long rows = s_rows[it_i[u]];
+            const uint32_t col0 = it_chunk[u] * MESWITCH_GEMV_K_CHUNK + 32u * t;
             // Dequantized A fragments of the 4 octets (16 half2 per row half).
             uint32_t a_lo[MESWITCH_OCTETS_PER_LANE][4], a_hi[MESWITCH_OCTETS_PER_LANE][4];
 #pragma unroll

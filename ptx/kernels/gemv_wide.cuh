@@ -126,7 +126,7 @@ __device__ __forceinline__ void meswitch_wide_delta_items(float (&acc)[TILES][4]
     // (i, c) of the warp's next item; k = i·n_per + c advances by WARPS per
     // item, carried by subtraction (at most WARPS / n_per steps, warp-uniform).
     uint32_t next_i = 0, next_c = 0;
-    meswitch_wide_advance(next_i, next_c, warp, n_per);
+    meswitch_item_advance(next_i, next_c, warp, n_per);
 
     while (next_i < n_active) {
         uint32_t it_i[IN_FLIGHT], it_c[IN_FLIGHT];
@@ -134,7 +134,7 @@ __device__ __forceinline__ void meswitch_wide_delta_items(float (&acc)[TILES][4]
         for (uint32_t u = 0; u < IN_FLIGHT; ++u) {
             it_i[u] = next_i;
             it_c[u] = next_c;
-            meswitch_wide_advance(next_i, next_c, MESWITCH_GEMV_WARPS, n_per);
+            meswitch_item_advance(next_i, next_c, MESWITCH_GEMV_WARPS, n_per);
         }
         uint4 w_lo[IN_FLIGHT], w_hi[IN_FLIGHT];
         uint2 sc_lo[IN_FLIGHT], sc_hi[IN_FLIGHT], of_lo[IN_FLIGHT], of_hi[IN_FLIGHT];

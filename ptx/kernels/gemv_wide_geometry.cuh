@@ -94,17 +94,6 @@ MESWITCH_WIDE_HD uint32_t meswitch_wide_param_bits(uint32_t v0, uint32_t v1, uin
     return (word >> (16u * (j % 2u))) & 0xFFFFu;
 }
 
-// Item k = i·n_per + c (expert i, item c of its row) advanced by `step`
-// items, carrying by subtraction: no integer division per item (at most
-// step / n_per + 1 iterations).
-MESWITCH_HD void meswitch_wide_advance(uint32_t& i, uint32_t& c, uint32_t step, uint32_t n_per) {
-    c += step;
-    while (c >= n_per) {
-        c -= n_per;
-        ++i;
-    }
-}
-
 // ---- pairs straight from the code words -------------------------------------
 //
 // A sub-block's 32 columns as 16 half2 pairs, pair p = (column c, column c + D)
