@@ -147,13 +147,18 @@ __device__ __forceinline__ const __half* meswitch_x_or_zero(const __half* x, boo
     return base;
 }
 
-// The x values of batch row b that a lane's 4 octets multiply: 16 bytes per
-// octet from column col on, or zeros when the row is not the expert's (its
-// bit clear in `rows`; a b past the batch is never set).
-__device__ __forceinline__ void meswitch_load_x_octets(const __half* x, unsigned long long rows, uint32_t b,
-                                                       uint32_t in, uint32_t col,
+// The x values of batch row b = nt·8 + g that a lane's 4 octets multiply:
+// 16 bytes per octet from column col on, or zeros when the row is not the
+// expert's. `lane_rows` is the expert's row mask shifted right by g once per
+// item, so that row b's bit is bit nt·8 (a constant in the unrolled n-tile
+// loop: one LOP3 with an immediate, not a 64-bit shift by b per n-tile); a b
+// past the batch is never set.
+__device__ __forceinline__ void meswitch_load_x_octets(const __half* x, unsigned long long lane_rows, uint32_t nt,
+                                                       uint32_t g, uint32_t in, uint32_t col,
                                                        uint4 (&xv)[MESWITCH_OCTETS_PER_LANE]) {
-    const __half* xb = meswitch_x_or_zero(x, (rows >> b) & 1ull, b, in, col);
+    const uint32_t b = nt * MESWITCH_GEMV_BATCH_TILE + g;
+    const bool mine = (lane_rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 1ull;
+    const __half* xb = meswitch_x_or_zero(x, mine, b, in, col);
 #pragma unroll
     for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) xv[q] = meswitch_ld16(xb + MESWITCH_X_OCTET_HALVES * q);
 }
@@ -347,7 +352,7 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
                 // Warp-uniform: skip n-tiles with no row of this expert.
                 if (nt < n_tiles && ((rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 0xFFull) != 0ull) {
                     uint4 xv[MESWITCH_OCTETS_PER_LANE];
-                    meswitch_load_x_octets(x, rows, nt * MESWITCH_GEMV_BATCH_TILE + g, in, col0, xv);
+                    meswitch_load_x_octets(x, rows >> g, nt, g, in, col0, xv);
 #pragma unroll
                     for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
                         const uint32_t xo[4] = {xv[q].x, xv[q].y, xv[q].z, xv[q].w};

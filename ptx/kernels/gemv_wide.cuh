@@ -83,7 +83,7 @@ __device__ __forceinline__ void meswitch_wide_subblock(float (&acc)[TILES][4], c
         // Warp-uniform: skip n-tiles with no row of this expert.
         if (nt < n_tiles && ((rows >> (nt * MESWITCH_GEMV_BATCH_TILE)) & 0xFFull) != 0ull) {
             uint4 xv[MESWITCH_OCTETS_PER_LANE];
-            meswitch_load_x_octets(x, rows, nt * MESWITCH_GEMV_BATCH_TILE + g, in, col, xv);
+            meswitch_load_x_octets(x, rows >> g, nt, g, in, col, xv);
             uint32_t xw[4u * MESWITCH_OCTETS_PER_LANE];
 #pragma unroll
             for (uint32_t q = 0; q < MESWITCH_OCTETS_PER_LANE; ++q) {
