@@ -278,15 +278,16 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
     // are added in the epilogue, so any warp may take any item.
     if constexpr (WIDE) {
         meswitch_wide_delta_items<BITS, GROUP, TILES>(acc, s_delta, s_rows, n_active, warp, g, t, r_lo, r_hi,
-                                                      n_tiles, batch, in, x);
+                                                      n_tiles, in, x);
     } else {
     constexpr uint32_t IN_FLIGHT = MESWITCH_DELTA_ITEMS_IN_FLIGHT(TILES, BITS);
     // (i, chunk) of the warp's next item k = i·n_chunks + chunk (k = warp,
     // warp + WARPS, ...). With several items in flight it is carried by
     // subtraction (meswitch_item_advance), with no k / n_chunks or
     // k % n_chunks per item. With one, the division stays: there the carry
-    // costs more than it saves (static SASS at 8 n-tiles: 552 -> 586 per 128
-    // columns x expert, INT2; the variants sit at the 128-register cap).
+    // costs more than it saves (static SASS at 8 n-tiles, INT2, per 128
+    // columns x expert: 586 with the carry, 559 with the division; these
+    // variants sit at the 128-register cap).
     constexpr bool CARRY = IN_FLIGHT > 1u;
     uint32_t next_k = warp, next_i = 0, next_chunk = 0;
     if (CARRY) {

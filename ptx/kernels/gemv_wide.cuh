@@ -27,8 +27,8 @@
 //   - codes become half2 pairs straight from their word (columns c and
 //     c + 16/bits), without first extracting 8-code octets.
 //
-// Each weight is still formed as gemv_core.cuh forms it (1024 + code by lop3,
-// exact subtraction, one FP16 fma with scale and offset), so both variants
+// Each weight is still formed as gemv_core.cuh forms it (1024 + 2^p·code by
+// lop3, the exact unbias fma, one FP16 fma with scale and offset), so both variants
 // round every weight the same way; only the order of the f32 sums differs.
 #ifndef MESWITCH_GEMV_WIDE_CUH
 #define MESWITCH_GEMV_WIDE_CUH
@@ -69,7 +69,7 @@ __device__ __forceinline__ void meswitch_wide_subblock(float (&acc)[TILES][4], c
                                                        const uint32_t* w_hi, __half2 s_lo, __half2 o_lo,
                                                        __half2 s_hi, __half2 o_hi, const __half* x,
                                                        unsigned long long rows, uint32_t col,
-                                                       uint32_t batch, uint32_t in, uint32_t n_tiles,
+                                                       uint32_t in, uint32_t n_tiles,
                                                        uint32_t g) {
     uint32_t a_lo[MESWITCH_WIDE_PAIRS], a_hi[MESWITCH_WIDE_PAIRS];
 #pragma unroll
@@ -108,7 +108,7 @@ __device__ __forceinline__ void meswitch_wide_delta_items(float (&acc)[TILES][4]
                                                           const unsigned long long* s_rows,
                                                           uint32_t n_active, uint32_t warp, uint32_t g,
                                                           uint32_t t, uint32_t r_lo, uint32_t r_hi,
-                                                          uint32_t n_tiles, uint32_t batch, uint32_t in,
+                                                          uint32_t n_tiles, uint32_t in,
                                                           const __half* x) {
     constexpr uint32_t IN_FLIGHT = MESWITCH_WIDE_ITEMS_IN_FLIGHT(TILES, BITS);
     constexpr uint32_t ITEM = meswitch_wide_item_cols(BITS);
@@ -172,7 +172,7 @@ __device__ __forceinline__ void meswitch_wide_delta_items(float (&acc)[TILES][4]
                 meswitch_wide_subblock<BITS, TILES>(
                     acc, lo, hi, meswitch_wide_param(sc_lo[u], j), meswitch_wide_param(of_lo[u], j),
                     meswitch_wide_param(sc_hi[u], j), meswitch_wide_param(of_hi[u], j), x, rows,
-                    col0 + s * MESWITCH_WIDE_SUBBLOCK_COLS, batch, in, n_tiles, g);
+                    col0 + s * MESWITCH_WIDE_SUBBLOCK_COLS, in, n_tiles, g);
 #pragma unroll
                 for (uint32_t k = 0; k + BITS < 4u; ++k) {
                     lo[k] = lo[k + BITS];
