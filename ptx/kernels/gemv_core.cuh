@@ -286,17 +286,27 @@ __device__ __forceinline__ void meswitch_gemv_core(const MeswitchGemvParams& p) 
     // subtraction (meswitch_item_advance), with no k / n_chunks or
     // k % n_chunks per item. With one, the division stays: there the carry
     // costs more than it saves (static SASS at 8 n-tiles, INT2, per 128
-    // columns x expert: 586 with the carry, 559 with the division; these
+    // columns x expert: 591 with the carry, 550 with the division; these
     // variants sit at the 128-register cap).
     constexpr bool CARRY = IN_FLIGHT > 1u;
+    // in == 0 is outside the launch contract; even so the carry must not
+    // loop forever and the division's quotient by 0 must not be used: no
+    // items then (the division walk tests k against n_items, 0 then; a
+    // guard around the division instead cost 18 static SASS per item at 8
+    // n-tiles, through register allocation).
+    const uint32_t n_items = n_active * n_chunks;
     uint32_t next_k = warp, next_i = 0, next_chunk = 0;
     if (CARRY) {
-        meswitch_item_advance(next_i, next_chunk, warp, n_chunks);
+        if (n_chunks > 0u) {
+            meswitch_item_advance(next_i, next_chunk, warp, n_chunks);
+        } else {
+            next_i = n_active;
+        }
     } else {
         next_i = warp / n_chunks;
         next_chunk = warp % n_chunks;
     }
-    while (next_i < n_active) {
+    while (CARRY ? next_i < n_active : next_k < n_items) {
         uint32_t it_i[IN_FLIGHT], it_chunk[IN_FLIGHT];
 #pragma unroll
         for (uint32_t u = 0; u < IN_FLIGHT; ++u) {

@@ -125,8 +125,9 @@ __device__ __forceinline__ void meswitch_wide_delta_items(float (&acc)[TILES][4]
 
     // (i, c) of the warp's next item; k = i·n_per + c advances by WARPS per
     // item, carried by subtraction (at most WARPS / n_per steps, warp-uniform).
-    uint32_t next_i = 0, next_c = 0;
-    meswitch_item_advance(next_i, next_c, warp, n_per);
+    // No items when in == 0 (outside the launch contract): no endless carry.
+    uint32_t next_i = n_per > 0u ? 0u : n_active, next_c = 0;
+    if (n_per > 0u) meswitch_item_advance(next_i, next_c, warp, n_per);
 
     while (next_i < n_active) {
         uint32_t it_i[IN_FLIGHT], it_c[IN_FLIGHT];
