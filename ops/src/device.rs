@@ -92,6 +92,14 @@ impl Gpu {
             .compute_capability()
             .during("reading the compute capability")?;
         let stream = ctx.default_stream();
+        // SAFETY: event tracking orders a buffer's uses across streams; this
+        // crate issues everything (kernels, copies, cuBLAS) on the one default
+        // stream, where cudarc never waits on or records those events anyway
+        // (it only does so once a context has created streams of its own).
+        // Without tracking, each allocation skips creating, and each free
+        // skips destroying, two driver events: a decode step allocates a few
+        // hundred buffers. Called before the first allocation, as cudarc asks.
+        unsafe { ctx.disable_event_tracking() };
         let mut modules = BTreeMap::new();
         for m in meswitch_ptx::MODULES {
             let module =
