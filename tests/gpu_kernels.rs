@@ -362,6 +362,58 @@ fn mixed_variants_in_one_batch() {
     }
 }
 
+/// Cached expert tables (`DeviceExperts::new_cached`): the same experts
+/// reuse one table, other sets or other layouts get their own, a full cache
+/// starts over, and every cached table computes what a fresh one does
+/// (mixed variants, so the per-variant grouping is part of what is cached).
+#[test]
+fn cached_expert_tables_match_fresh_ones() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let mut rng = StdRng::seed_from_u64(31);
+    let (out_features, in_features) = (40, 256);
+    let mut case = Case::random(
+        &mut rng,
+        out_features,
+        in_features,
+        Bits::Two,
+        64,
+        4,
+        24,
+        RowMix::Random,
+    );
+    let layout = DeltaLayout::new(out_features, in_features, Bits::Four, 128, 5).unwrap();
+    case.experts[2] = random_delta(&mut rng, layout);
+    let (base, experts) = upload_case(gpu, &case);
+    let all: Vec<_> = experts.iter().collect();
+    let x = ops::upload(gpu, &case.x).unwrap();
+    let run = |table: &DeviceExperts| {
+        let rows = DeviceRows::upload(gpu, &case.rows, table.len()).unwrap();
+        let mut y = ops::upload(gpu, &vec![POISON; case.batch() * out_features]).unwrap();
+        ops::multi_expert_gemv_device(gpu, &base, table, &x, &rows, &mut y).unwrap();
+        download(gpu, &y)
+    };
+    let fresh = run(&DeviceExperts::new(gpu, &all).unwrap());
+    case.assert_close(&fresh, None, "fresh table");
+
+    let mut cache = ExpertTableCache::new(2);
+    for round in 0..3 {
+        let cached = DeviceExperts::new_cached(gpu, &all, &mut cache).unwrap();
+        assert_eq!(cache.len(), 1, "round {round}: one set, one table");
+        assert_eq!(run(&cached), fresh, "round {round}: cached table differs");
+    }
+    // The same experts in another order are another table (row ids differ).
+    let reversed: Vec<_> = experts.iter().rev().collect();
+    DeviceExperts::new_cached(gpu, &reversed, &mut cache).unwrap();
+    assert_eq!(cache.len(), 2);
+    // Full: a third set starts the cache over, and still computes right.
+    let first_two = &all[..2];
+    let t = DeviceExperts::new_cached(gpu, first_two, &mut cache).unwrap();
+    assert_eq!(cache.len(), 1);
+    assert_eq!(t.len(), 2);
+    let again = DeviceExperts::new_cached(gpu, &all, &mut cache).unwrap();
+    assert_eq!(run(&again), fresh, "rebuilt after the cache started over");
+}
+
 /// What a kernel is allowed to do, emulated on the CPU: form each weight in
 /// FP16 (`W_base + Δ̂` rounded once), then sum in f32 in a different order
 /// (backwards). Used to check the tolerance is wide enough for legitimate

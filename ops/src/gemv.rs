@@ -8,6 +8,9 @@
 //!
 //! Every shape is checked here, before a launch: a kernel trusts its params.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::f16;
 use meswitch_reference::{BaseView, DeltaLayout, DeltaView, ShapeError};
@@ -54,7 +57,7 @@ fn check_len(what: &'static str, expected: usize, found: usize) -> Result<(), Sh
 /// outlive every launch that uses the table).
 pub struct DeviceExperts<'a> {
     experts: Vec<&'a DeviceDelta>,
-    table: launch::ExpertTable,
+    table: Arc<launch::ExpertTable>,
 }
 
 impl<'a> DeviceExperts<'a> {
@@ -70,9 +73,33 @@ impl<'a> DeviceExperts<'a> {
             }
         }
         Ok(DeviceExperts {
-            table: launch::ExpertTable::new(gpu, experts)?,
+            table: Arc::new(launch::ExpertTable::new(gpu, experts)?),
             experts: experts.to_vec(),
         })
+    }
+
+    /// As [`DeviceExperts::new`], but the device table comes from `cache`
+    /// when an earlier call built it from the same experts (same layouts,
+    /// same device addresses), so a decode loop over a steady set of experts
+    /// uploads no table after its first step.
+    pub fn new_cached(
+        gpu: &Gpu,
+        experts: &[&'a DeviceDelta],
+        cache: &mut ExpertTableCache,
+    ) -> Result<DeviceExperts<'a>, OpsError> {
+        let key = launch::table_key(gpu, experts);
+        if let Some(table) = cache.tables.get(&key) {
+            return Ok(DeviceExperts {
+                table: table.clone(),
+                experts: experts.to_vec(),
+            });
+        }
+        let fresh = DeviceExperts::new(gpu, experts)?;
+        if cache.tables.len() >= cache.capacity {
+            cache.tables.clear();
+        }
+        cache.tables.insert(key, fresh.table.clone());
+        Ok(fresh)
     }
 
     pub fn len(&self) -> usize {
@@ -110,6 +137,38 @@ impl<'a> DeviceExperts<'a> {
             ShapeError::check_expert_shape(expert, shape, (out_features, in_features))?;
         }
         Ok(())
+    }
+}
+
+/// Expert tables kept across calls by [`DeviceExperts::new_cached`].
+///
+/// Sound by construction: a table is reused only for experts whose layouts
+/// and device addresses are exactly those it was built from, so it holds
+/// the bytes a fresh upload would; and every call borrows its experts, so
+/// their memory is alive while a launch reads the table. A table whose
+/// experts were dropped just stays unused until the cache is cleared
+/// (whole, when it reaches `capacity` entries: a model's tensors times a
+/// few expert sets fit, and a rebuild costs one upload per tensor).
+pub struct ExpertTableCache {
+    tables: HashMap<Vec<u64>, Arc<launch::ExpertTable>>,
+    capacity: usize,
+}
+
+impl ExpertTableCache {
+    pub fn new(capacity: usize) -> ExpertTableCache {
+        ExpertTableCache {
+            tables: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Tables held now.
+    pub fn len(&self) -> usize {
+        self.tables.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
     }
 }
 

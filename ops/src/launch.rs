@@ -130,6 +130,31 @@ struct VariantTable {
     n: u32,
 }
 
+/// What an [`ExpertTable`] is built from, as integers: per expert its layout
+/// (which decides the variant grouping) and its descriptor (device
+/// addresses and salient count). Equal keys give byte-identical tables.
+pub(crate) fn table_key(gpu: &Gpu, experts: &[&DeviceDelta]) -> Vec<u64> {
+    const WORDS_PER_EXPERT: usize = 11;
+    let mut key = Vec::with_capacity(experts.len() * WORDS_PER_EXPERT);
+    for e in experts {
+        let (l, d) = (&e.layout, descriptor(gpu, e));
+        key.extend([
+            l.out_features as u64,
+            l.in_features as u64,
+            u64::from(l.bits.count()),
+            l.group_size as u64,
+            l.salient as u64,
+            d.codes,
+            d.scales,
+            d.offsets,
+            d.salient_index,
+            d.salient_values,
+            u64::from(d.n_salient),
+        ]);
+    }
+    key
+}
+
 /// A call's experts grouped by kernel variant (see the module docs).
 pub(crate) struct ExpertTable {
     tables: Vec<VariantTable>,

@@ -33,7 +33,7 @@ pub use error::OpsError;
 pub use gemv::{
     delta_gemv_accumulate, delta_gemv_accumulate_device, dequantize_device, dequantize_f16,
     download, multi_expert_gemv, multi_expert_gemv_device, upload, DeviceExperts, DeviceRows,
-    DeviceSlice,
+    DeviceSlice, ExpertTableCache,
 };
 pub use gemv::{
     delta_gemv_accumulate_device_with, delta_gemv_accumulate_with, multi_expert_gemv_device_with,

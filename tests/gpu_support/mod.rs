@@ -5,7 +5,8 @@ pub use std::sync::OnceLock;
 
 pub use half::f16;
 pub use meswitch::ops::{
-    self, Backend, DeviceBase, DeviceDelta, DeviceExperts, DeviceRows, DeviceSlice, Gpu,
+    self, Backend, DeviceBase, DeviceDelta, DeviceExperts, DeviceRows, DeviceSlice,
+    ExpertTableCache, Gpu,
 };
 pub use meswitch::reference::{
     self, layout::GROUP_SIZES, BaseView, Bits, DeltaLayout, DeltaView, PackedDelta,

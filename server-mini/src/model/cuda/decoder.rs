@@ -13,7 +13,7 @@ use meswitch_ops::DeviceSlice;
 type CudaSlice<T> = DeviceSlice<T>;
 use meswitch_reference::layers::{rms_norm, AttnShape};
 
-use super::linear::{multi_expert_linear, prepare_linear, runs, PreparedLinear, RowMaps};
+use super::linear::{multi_expert_linear, prepare_linear, runs, PreparedLinear, StepTables};
 use super::weights::{delta_embed_row, dense_embed_row, DeviceExpert, DeviceMatrix};
 use super::{device_err, CudaBackend, CudaCache};
 use crate::model::experts::{Expert, ExpertMatrix};
@@ -193,7 +193,7 @@ impl CudaBackend {
         experts: &Experts<'a>,
         slot: &[Option<usize>],
         n_layers: usize,
-        maps: &mut RowMaps,
+        maps: &mut StepTables,
     ) -> Result<Vec<Vec<PreparedLinear<'a>>>, ModelError> {
         let mut out = Vec::with_capacity(n_layers);
         for (l, lw) in self.weights.layers.iter().enumerate().take(n_layers) {
@@ -286,7 +286,7 @@ impl CudaBackend {
         experts: &Experts,
         caches: &[(&DeviceKv, usize)],
         n_layers: usize,
-        maps: &mut RowMaps,
+        maps: &mut StepTables,
     ) -> Result<CudaSlice<f32>, ModelError> {
         let c = &self.config;
         let gpu = &self.gpu;
@@ -298,7 +298,7 @@ impl CudaBackend {
         let (kvs, starts): (Vec<&DeviceKv>, Vec<usize>) = caches.iter().copied().unzip();
         let attn_rows = AttnRows::upload_windowed(gpu, &kvs, &starts, &rows.seq_pos)
             .map_err(|e| device_err("uploading attention rows", e))?;
-        let maps: &RowMaps = maps;
+        let maps: &StepTables = maps;
         let mut h = self.embed(rows, experts)?;
 
         let shape = AttnShape {
@@ -424,7 +424,8 @@ impl CudaBackend {
         // before the first launch.
         let experts = self.step_experts(&rows)?;
         let heads: Vec<_> = experts.iter().map(|e| e.1.lm_head.as_ref()).collect();
-        let mut maps = RowMaps::default();
+        let mut maps = self.step_tables();
+        maps.start_step();
         let head = prepare_linear(&self.gpu, self.weights.lm_head(), &heads, &pslot, &mut maps)?;
         let h = self.run_decoder(&rows, &experts, &caches, c.num_layers, &mut maps)?;
 
@@ -493,7 +494,8 @@ impl CudaBackend {
         self.validate(&batch)?;
         cache.prepare(&self.gpu, self.geometry(), tokens.len())?;
         let rows = StepRows::new(std::iter::once((tokens, 0, None)));
-        let mut maps = RowMaps::default();
+        let mut maps = self.step_tables();
+        maps.start_step();
         let h = self.run_decoder(
             &rows,
             &Vec::new(),

@@ -19,36 +19,70 @@
 //! A step prepares every tensor's part once, before its first launch
 //! ([`prepare_linear`], called for all tensors by the decoder): the delta
 //! list's device table (descriptors pointing into the experts' packed
-//! deltas) and the row map, deduplicated by content in [`RowMaps`]. So no
-//! table or map upload sits between the step's launches, and each table is
-//! built once per (tensor, step's expert set). The tables borrow the
-//! experts' device memory and live for one step; experts are only added or
-//! removed between steps (`&mut self`), so no cached table can outlive
-//! them and nothing needs invalidating.
+//! deltas) and the row map, both kept by content in [`StepTables`] across
+//! steps. So no table or map upload sits between the step's launches, and a
+//! steady decode batch uploads none at all after its first step. A table
+//! is reused only for the very experts (layouts and device addresses) it
+//! was built from, and each step borrows those experts, so a reused table
+//! never points at freed memory; experts are only added or removed between
+//! steps (`&mut self`).
 
 use std::collections::HashMap;
 
 use half::f16;
-use meswitch_ops::{blas, DeviceBase, DeviceDelta, DeviceExperts, DeviceRows, DeviceSlice, Gpu};
+use meswitch_ops::{
+    blas, DeviceBase, DeviceDelta, DeviceExperts, DeviceRows, DeviceSlice, ExpertTableCache, Gpu,
+};
 use meswitch_reference::ShapeError;
 
 use super::device_err;
 use super::weights::DeviceMatrix;
 use crate::model::ModelError;
 
-/// Row → expert maps of a step on the device, each uploaded once however
-/// many tensors use it: within a step most projections see the same map
-/// (every active expert has a delta for every projection).
-#[derive(Default)]
-pub(super) struct RowMaps {
+/// Expert tables a [`StepTables`] keeps: a 7B model's 225 tensors for a
+/// dozen or so expert sets before it starts over.
+const EXPERT_TABLE_CAPACITY: usize = 4096;
+/// Row maps a [`StepTables`] keeps (one per distinct batch composition).
+const ROW_MAP_CAPACITY: usize = 256;
+
+/// The device tables of the steps: expert descriptor tables
+/// ([`ExpertTableCache`]) and row → expert maps, each uploaded once and
+/// reused by every tensor and every later step that needs the same content.
+/// Within a step most projections share a map (every active expert has a
+/// delta for every projection), and a decode loop over a steady batch
+/// repeats the same tables and maps step after step, so it uploads nothing
+/// after its first step. Reuse is by content, so a stale entry is never
+/// wrong, only unused; both parts start over when full, between steps.
+pub(super) struct StepTables {
+    experts: ExpertTableCache,
     index: HashMap<Vec<Option<u32>>, usize>,
     maps: Vec<DeviceRows>,
 }
 
-impl RowMaps {
+impl Default for StepTables {
+    fn default() -> Self {
+        StepTables {
+            experts: ExpertTableCache::new(EXPERT_TABLE_CAPACITY),
+            index: HashMap::new(),
+            maps: Vec::new(),
+        }
+    }
+}
+
+impl StepTables {
+    /// Called before a step prepares anything: the map indices a step holds
+    /// stay valid until the next call.
+    pub(super) fn start_step(&mut self) {
+        if self.maps.len() >= ROW_MAP_CAPACITY {
+            self.index.clear();
+            self.maps.clear();
+        }
+    }
+
     /// The index of map `rows`, uploading it on first sight. `rows` names
     /// deltas below `n_experts`; the same content is valid for any table
-    /// that long or longer, so the first upload serves every later user.
+    /// that long or longer (and every launch checks it against its table
+    /// again), so the first upload serves every later user.
     fn intern(
         &mut self,
         gpu: &Gpu,
@@ -126,7 +160,7 @@ fn delta_rows(
 pub(super) struct PreparedLinear<'a> {
     base: &'a DeviceBase,
     table: DeviceExperts<'a>,
-    /// This tensor's row map in the step's [`RowMaps`].
+    /// This tensor's row map in the [`StepTables`].
     map: usize,
     /// (slot, its expert's dense replacement of this tensor).
     dense: Vec<(usize, &'a DeviceBase)>,
@@ -140,7 +174,7 @@ pub(super) fn prepare_linear<'a>(
     base: &'a DeviceBase,
     mats: &[Option<&'a DeviceMatrix>],
     row_slot: &[Option<usize>],
-    maps: &mut RowMaps,
+    maps: &mut StepTables,
 ) -> Result<PreparedLinear<'a>, ModelError> {
     let (o, i) = (base.out_features, base.in_features);
     let mut dense = Vec::new();
@@ -162,8 +196,8 @@ pub(super) fn prepare_linear<'a>(
             _ => None,
         })
         .collect();
-    let table =
-        DeviceExperts::new(gpu, &deltas).map_err(|e| device_err("building the expert table", e))?;
+    let table = DeviceExperts::new_cached(gpu, &deltas, &mut maps.experts)
+        .map_err(|e| device_err("building the expert table", e))?;
     let map = maps.intern(gpu, rows, deltas.len())?;
     Ok(PreparedLinear {
         base,
@@ -178,7 +212,7 @@ pub(super) fn prepare_linear<'a>(
 pub(super) fn multi_expert_linear(
     gpu: &Gpu,
     p: &PreparedLinear,
-    maps: &RowMaps,
+    maps: &StepTables,
     row_slot: &[Option<usize>],
     x: &DeviceSlice<f16>,
     y: &mut DeviceSlice<f16>,

@@ -36,6 +36,7 @@ mod weights;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use meswitch_ops::layers::RopeTable;
 use meswitch_ops::{Gpu, OpsError};
@@ -43,6 +44,7 @@ use meswitch_reference::container::BaseIdentity;
 
 pub use cache::CudaCache;
 use cache::KvGeometry;
+use linear::StepTables;
 use weights::{DeviceExpert, DeviceWeights};
 
 use super::experts::{Expert, ExpertParser};
@@ -81,6 +83,10 @@ pub struct CudaBackend {
     /// cos/sin of every (position, frequency) up to `max_context`.
     rope: RopeTable,
     max_context: usize,
+    /// Expert tables and row maps kept across steps (see `linear.rs`);
+    /// locked for a whole step, which `forward`'s `&self` otherwise allows
+    /// to overlap.
+    tables: Mutex<StepTables>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -113,7 +119,15 @@ impl CudaBackend {
             experts: Vec::new(),
             rope,
             max_context,
+            tables: Mutex::new(StepTables::default()),
         })
+    }
+
+    /// The kept tables, for one step. A step that panicked left them
+    /// consistent (entries are reused by content only), so poisoning is
+    /// ignored.
+    fn step_tables(&self) -> MutexGuard<'_, StepTables> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// [`CudaBackend::load`] on device 0; no usable device is
