@@ -175,6 +175,21 @@ fn tensor_roles(s: &SynthShape) -> BTreeMap<String, (Vec<usize>, Role)> {
     t
 }
 
+/// Unit tests' model: the "tiny" base alone (no experts) under `dir`;
+/// returns its directory.
+#[cfg(test)]
+pub(crate) fn write_tiny_base(dir: &Path) -> PathBuf {
+    let settings = SynthSettings {
+        shape: SynthShape::named("tiny").expect("the tiny shape exists"),
+        experts: 0,
+        seed: 0,
+        dtype: FloatDtype::F16,
+    };
+    write_family(dir, &settings, |_| {})
+        .expect("writing the tiny base")
+        .0
+}
+
 /// Writes the family under `dir`; returns the base and expert directories.
 pub fn write_family(
     dir: &Path,

@@ -236,13 +236,7 @@ mod tests {
 
     fn tiny_backend() -> CpuBackend {
         let dir = tempfile::tempdir().unwrap();
-        let settings = crate::synth::SynthSettings {
-            shape: crate::synth::SynthShape::named("tiny").unwrap(),
-            experts: 0,
-            seed: 0,
-            dtype: crate::checkpoint::FloatDtype::F16,
-        };
-        let (base, _) = crate::synth::write_family(dir.path(), &settings, |_| {}).unwrap();
+        let base = crate::synth::write_tiny_base(dir.path());
         crate::model::load_cpu(&base).unwrap().backend
     }
 
