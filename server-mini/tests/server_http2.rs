@@ -114,6 +114,21 @@ async fn first_event(body: &mut Incoming) -> Vec<u8> {
     got
 }
 
+/// A streaming completion on `h2` whose first event has arrived; the body
+/// is handed back so the caller decides how the stream ends.
+async fn streaming_after_first_event(h2: &H2, max_tokens: usize) -> Incoming {
+    let mut body = h2
+        .start(
+            "POST",
+            "/v1/completions",
+            &completion("expert-03", max_tokens, true),
+        )
+        .await
+        .into_body();
+    first_event(&mut body).await;
+    body
+}
+
 fn completion(expert: &str, max_tokens: usize, stream: bool) -> String {
     serde_json::json!({"model": expert, "prompt": "Once", "max_tokens": max_tokens,
                        "stream": stream, "temperature": 0})
@@ -364,15 +379,7 @@ async fn a_reset_stream_frees_its_slot_and_the_connection_lives_on() {
 
     // Streaming: read the first event, then drop the body: the client resets
     // the stream (RST_STREAM CANCEL) while the connection stays open.
-    let mut body = h2
-        .start(
-            "POST",
-            "/v1/completions",
-            &completion("expert-03", max_tokens, true),
-        )
-        .await
-        .into_body();
-    first_event(&mut body).await;
+    let body = streaming_after_first_event(&h2, max_tokens).await;
     drop(body);
     wait_slots_freed(&s, "streaming, after RST_STREAM").await;
     let st = s.state.engine.stats();
@@ -402,15 +409,7 @@ async fn a_reset_stream_frees_its_slot_and_the_connection_lives_on() {
     assert_eq!(metric(&m, "meswitch_running_sequences"), Some(0.0));
 
     // The whole connection going away mid-stream frees the slot too.
-    let mut body = h2
-        .start(
-            "POST",
-            "/v1/completions",
-            &completion("expert-03", max_tokens, true),
-        )
-        .await
-        .into_body();
-    first_event(&mut body).await;
+    let body = streaming_after_first_event(&h2, max_tokens).await;
     // The body is kept, so nothing resets the stream itself.
     let before = s.state.engine.stats().generated_tokens;
     h2.cut();
