@@ -18,4 +18,48 @@ fn main() {
         .flag_if_supported("-ffp-contract=off")
         .warnings(true)
         .compile("meswitch_unpack_host");
+    if std::env::var_os("CARGO_FEATURE_EMU").is_some() {
+        build_emulation();
+    }
+}
+
+/// The host emulation of the kernels (emu/, feature `emu`): the kernel
+/// sources compiled unchanged as C++ against emu/include/cuda_fp16.h, one
+/// translation unit per module as NVRTC compiles one program per .cu.
+fn build_emulation() {
+    const MODULES: &[&str] = &[
+        "multi_expert_gemv",
+        "delta_gemv",
+        "multi_expert_gemv_wide",
+        "delta_gemv_wide",
+        "dequantize",
+        "norm",
+        "rope",
+        "activation",
+        "attention",
+    ];
+    println!("cargo:rerun-if-changed=emu");
+    println!("cargo:rerun-if-changed=kernels");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("emu/simt.cpp")
+        .files(MODULES.iter().map(|m| format!("emu/module_{m}.cpp")))
+        // emu/include first: its cuda_fp16.h stands in for CUDA's.
+        .include("emu/include")
+        .include("emu")
+        .include("include")
+        .include("kernels")
+        .flag_if_supported("-std=c++17")
+        .opt_level(2)
+        // The kernels' arithmetic as written: no FMA contraction the source
+        // does not ask for, and their type puns (half2 <-> u32) well defined.
+        .flag_if_supported("-ffp-contract=off")
+        .flag_if_supported("-fno-strict-aliasing")
+        // `#pragma unroll` is for NVRTC.
+        .flag_if_supported("-Wno-unknown-pragmas")
+        // SUB_UNROLL in gemv_wide.cuh is read only by a pragma.
+        .flag_if_supported("-Wno-unused-variable")
+        .warnings(true);
+    build.compile("meswitch_emu");
 }

@@ -42,11 +42,15 @@
 // Each half2 register holds the lower k index in its low 16 bits.
 __device__ __forceinline__ void meswitch_mma_16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+#ifdef __CUDA_ARCH__
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    meswitch_emu::mma_16816(c, a0, a1, a2, a3, b0, b1);  // host emulation (ptx/emu/simt.h)
+#endif
 }
 
 __device__ __forceinline__ uint4 meswitch_ld16(const __half* p) {
@@ -56,22 +60,35 @@ __device__ __forceinline__ uint4 meswitch_ld16(const __half* p) {
 // Weights are read once per launch: loading them without allocating in L1
 // leaves L1 to x, which every item of the block re-reads. Not volatile: the
 // loads have no side effects, and the compiler may schedule them early.
+// The host emulation (ptx/emu) reads them through its checked __ldg.
 __device__ __forceinline__ uint4 meswitch_ld16_stream(const void* p) {
+#ifdef __CUDA_ARCH__
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
     return v;
+#else
+    return __ldg(static_cast<const uint4*>(p));
+#endif
 }
 __device__ __forceinline__ uint2 meswitch_ld8_stream(const void* p) {
+#ifdef __CUDA_ARCH__
     uint2 v;
     asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
+#else
+    return __ldg(static_cast<const uint2*>(p));
+#endif
 }
 __device__ __forceinline__ uint32_t meswitch_ld4_stream(const void* p) {
+#ifdef __CUDA_ARCH__
     uint32_t v;
     asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
+#else
+    return __ldg(static_cast<const unsigned int*>(p));
+#endif
 }
 
 // Lane's `BITS` code words for 32 columns (16, 8 or 4 bytes, naturally aligned
@@ -140,11 +157,15 @@ __device__ __forceinline__ const __half* meswitch_x_or_zero(const __half* x, boo
                                                             uint32_t col) {
     const __half* row = x + (size_t)b * in + col;
     const __half* zero = reinterpret_cast<const __half*>(meswitch_zero_x);
+#ifdef __CUDA_ARCH__
     const __half* base;
     asm("{\n\t.reg .pred use;\n\tsetp.ne.u32 use, %3, 0;\n\tselp.b64 %0, %1, %2, use;\n\t}"
         : "=l"(base)
         : "l"(row), "l"(zero), "r"((uint32_t)use_row));
     return base;
+#else
+    return use_row ? row : zero;
+#endif
 }
 
 // The x values of batch row b = nt·8 + g that a lane's 4 octets multiply:

@@ -1,0 +1,425 @@
+// simt.cpp: the scheduler of the host emulation (design in simt.h) and its C
+// entry point, meswitch_emu_launch, which ptx/src/emu.rs calls.
+//
+// One block at a time, on the launching thread:
+//
+//   scheduler ──swap──> fiber 0 ──(barrier / warp op / return)──> scheduler
+//             ──swap──> fiber 1 ...                                   (sweep)
+//
+// The scheduler sweeps over the block's fibers and resumes each runnable one
+// until it yields. A sweep that resumes nothing while some fiber has not
+// returned is a deadlock: the kernel would hang on a GPU.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <ucontext.h>
+
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "simt.h"
+
+thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace {
+
+using meswitch_emu::Entry;
+using meswitch_emu::Module;
+using meswitch_emu::StaticData;
+
+constexpr uint32_t WARP_LANES = 32;
+constexpr uint32_t FULL_MASK = 0xFFFFFFFFu;
+// The kernels' deepest frames hold a few KiB of register arrays; the margin
+// is for the host compiler's spills and the runtime's own frames.
+constexpr size_t FIBER_STACK_BYTES = 128 * 1024;
+constexpr uint32_t MAX_BLOCK_THREADS = 1024;
+// mma.m16n8k16 operand shapes.
+constexpr int MMA_M = 16, MMA_N = 8, MMA_K = 16;
+
+enum class State { Runnable, AtBarrier, AtWarp, Done };
+enum class WarpOp { None, Shfl, Mma };
+
+struct Fiber {
+    ucontext_t ctx;
+    State state;
+};
+
+// One warp's collective in progress: every lane's operands, then every
+// lane's results (read by each lane when it resumes, before it can arrive at
+// the next collective, so one buffer per direction suffices).
+struct WarpSlot {
+    WarpOp op;
+    uint32_t arrived;
+    uint32_t mask;
+    int lane_mask;
+    uint32_t in[WARP_LANES][6];
+    float acc[WARP_LANES][4];
+    uint32_t out_bits[WARP_LANES];
+    float out[WARP_LANES][4];
+};
+
+struct Launch {
+    const Entry* entry;
+    const void* params;
+    std::vector<std::pair<uintptr_t, size_t>> regions;  // buffers + module statics
+    std::atomic<bool> failed{false};
+    std::mutex error_mutex;
+    std::string error;
+};
+
+struct Block {
+    Launch* launch;
+    uint32_t n_threads;
+    std::vector<Fiber> fibers;
+    std::vector<WarpSlot> warps;
+    char* stacks;
+    ucontext_t scheduler;
+    uint32_t current;
+    uint32_t at_barrier;
+    uint32_t done;
+    bool abort;
+};
+
+thread_local Block* t_block = nullptr;
+thread_local Launch* t_launch = nullptr;
+
+void record_error(const std::string& what) {
+    Launch* l = t_launch;
+    if (!l) return;
+    std::lock_guard<std::mutex> guard(l->error_mutex);
+    if (l->error.empty()) {
+        char where[160] = "";
+        if (t_block) {
+            snprintf(where, sizeof where, "block (%u, %u, %u) thread %u: ", blockIdx.x, blockIdx.y, blockIdx.z,
+                     t_block->current);
+        }
+        l->error = std::string(where) + what;
+    }
+    l->failed.store(true);
+}
+
+void yield_to_scheduler() {
+    Block& b = *t_block;
+    swapcontext(&b.fibers[b.current].ctx, &b.scheduler);
+}
+
+// A protocol error: the fiber stops here for good and the block is abandoned.
+[[noreturn]] void abort_block(const std::string& what) {
+    record_error(what);
+    t_block->abort = true;
+    yield_to_scheduler();
+    // The scheduler never resumes an aborted block's fibers.
+    abort();
+}
+
+void release_barrier_if_complete(Block& b) {
+    if (b.at_barrier == 0 || b.at_barrier != b.n_threads - b.done) return;
+    for (Fiber& f : b.fibers) {
+        if (f.state == State::AtBarrier) f.state = State::Runnable;
+    }
+    b.at_barrier = 0;
+}
+
+// IEEE binary16 -> f32 (exact).
+float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    float v;
+    if (exp == 0) {
+        v = ldexpf((float)man, -24);
+    } else if (exp == 31) {
+        v = man ? NAN : INFINITY;
+    } else {
+        v = ldexpf((float)(man | 0x400u), (int)exp - 25);
+    }
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    bits |= sign;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+float lo_half(uint32_t r) { return half_to_float((uint16_t)(r & 0xFFFFu)); }
+float hi_half(uint32_t r) { return half_to_float((uint16_t)(r >> 16)); }
+
+void compute_mma(WarpSlot& s) {
+    double A[MMA_M][MMA_K], B[MMA_K][MMA_N], C[MMA_M][MMA_N];
+    for (uint32_t lane = 0; lane < WARP_LANES; ++lane) {
+        const uint32_t g = lane / 4, t = lane % 4;
+        const uint32_t* a = s.in[lane];
+        A[g][2 * t] = lo_half(a[0]);
+        A[g][2 * t + 1] = hi_half(a[0]);
+        A[g + 8][2 * t] = lo_half(a[1]);
+        A[g + 8][2 * t + 1] = hi_half(a[1]);
+        A[g][2 * t + 8] = lo_half(a[2]);
+        A[g][2 * t + 9] = hi_half(a[2]);
+        A[g + 8][2 * t + 8] = lo_half(a[3]);
+        A[g + 8][2 * t + 9] = hi_half(a[3]);
+        B[2 * t][g] = lo_half(a[4]);
+        B[2 * t + 1][g] = hi_half(a[4]);
+        B[2 * t + 8][g] = lo_half(a[5]);
+        B[2 * t + 9][g] = hi_half(a[5]);
+        C[g][2 * t] = s.acc[lane][0];
+        C[g][2 * t + 1] = s.acc[lane][1];
+        C[g + 8][2 * t] = s.acc[lane][2];
+        C[g + 8][2 * t + 1] = s.acc[lane][3];
+    }
+    double D[MMA_M][MMA_N];
+    for (int m = 0; m < MMA_M; ++m) {
+        for (int n = 0; n < MMA_N; ++n) {
+            double sum = C[m][n];
+            for (int k = 0; k < MMA_K; ++k) sum += A[m][k] * B[k][n];
+            D[m][n] = sum;
+        }
+    }
+    for (uint32_t lane = 0; lane < WARP_LANES; ++lane) {
+        const uint32_t g = lane / 4, t = lane % 4;
+        s.out[lane][0] = (float)D[g][2 * t];
+        s.out[lane][1] = (float)D[g][2 * t + 1];
+        s.out[lane][2] = (float)D[g + 8][2 * t];
+        s.out[lane][3] = (float)D[g + 8][2 * t + 1];
+    }
+}
+
+void compute_shfl(WarpSlot& s) {
+    for (uint32_t lane = 0; lane < WARP_LANES; ++lane) {
+        s.out_bits[lane] = s.in[lane ^ (uint32_t)s.lane_mask][0];
+    }
+}
+
+// Arrives at a warp collective; returns once all 32 lanes have and the last
+// one has computed it. Returns the slot (its out arrays hold the results).
+WarpSlot& arrive(WarpOp op, uint32_t mask, int lane_mask, const uint32_t in[6], const float acc[4]) {
+    Block& b = *t_block;
+    const uint32_t tid = b.current, w = tid / WARP_LANES, lane = tid % WARP_LANES;
+    if ((w + 1) * WARP_LANES > b.n_threads) abort_block("warp collective in a partial warp (block size not a multiple of 32)");
+    if (mask != FULL_MASK) abort_block("warp collective with a partial lane mask (the emulation supports full warps only)");
+    if (op == WarpOp::Shfl && (lane_mask < 0 || lane_mask >= (int)WARP_LANES)) abort_block("shuffle lane mask outside 0..31");
+    WarpSlot& s = b.warps[w];
+    for (uint32_t l = w * WARP_LANES; l < (w + 1) * WARP_LANES; ++l) {
+        if (b.fibers[l].state == State::Done) abort_block("warp collective while a lane of the warp has returned");
+    }
+    if (s.arrived == 0) {
+        s.op = op;
+        s.mask = mask;
+        s.lane_mask = lane_mask;
+    } else if (s.op != op || s.lane_mask != lane_mask) {
+        abort_block("lanes of one warp at different warp collectives (divergent shuffle or mma)");
+    }
+    memcpy(s.in[lane], in, sizeof s.in[lane]);
+    if (acc) memcpy(s.acc[lane], acc, sizeof s.acc[lane]);
+    b.fibers[tid].state = State::AtWarp;
+    if (++s.arrived == WARP_LANES) {
+        if (op == WarpOp::Mma) {
+            compute_mma(s);
+        } else {
+            compute_shfl(s);
+        }
+        for (uint32_t l = w * WARP_LANES; l < (w + 1) * WARP_LANES; ++l) b.fibers[l].state = State::Runnable;
+        s.arrived = 0;
+    }
+    yield_to_scheduler();
+    return s;
+}
+
+void fiber_main() {
+    Block& b = *t_block;
+    b.launch->entry->invoke(b.launch->entry->kernel, b.launch->params);
+    Block& after = *t_block;  // same block: fibers never migrate
+    after.fibers[after.current].state = State::Done;
+    ++after.done;
+    // A warp collective cannot complete once a lane of its warp has returned.
+    const uint32_t w = after.current / WARP_LANES;
+    if (w < after.warps.size() && after.warps[w].arrived > 0) {
+        record_error("a lane returned while others of its warp wait at a warp collective");
+        after.abort = true;
+    }
+    release_barrier_if_complete(after);
+    // Returning resumes uc_link, the scheduler.
+}
+
+std::string describe_deadlock(const Block& b) {
+    uint32_t barrier = 0, warp = 0;
+    for (const Fiber& f : b.fibers) {
+        barrier += f.state == State::AtBarrier;
+        warp += f.state == State::AtWarp;
+    }
+    char msg[200];
+    snprintf(msg, sizeof msg,
+             "deadlock: %u threads at __syncthreads, %u at a warp collective, %u returned, of %u "
+             "(a barrier not reached by every thread, or a warp split between two collectives)",
+             barrier, warp, b.done, b.n_threads);
+    return msg;
+}
+
+void run_block(Block& b, dim3 block_index) {
+    blockIdx = block_index;
+    b.done = 0;
+    b.at_barrier = 0;
+    b.abort = false;
+    for (WarpSlot& s : b.warps) s.arrived = 0;
+    for (uint32_t i = 0; i < b.n_threads; ++i) {
+        Fiber& f = b.fibers[i];
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = b.stacks + (size_t)i * FIBER_STACK_BYTES;
+        f.ctx.uc_stack.ss_size = FIBER_STACK_BYTES;
+        f.ctx.uc_link = &b.scheduler;
+        makecontext(&f.ctx, fiber_main, 0);
+        f.state = State::Runnable;
+    }
+    while (b.done < b.n_threads && !b.abort) {
+        bool resumed = false;
+        for (uint32_t i = 0; i < b.n_threads && !b.abort; ++i) {
+            if (b.fibers[i].state != State::Runnable) continue;
+            b.current = i;
+            threadIdx = dim3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
+            swapcontext(&b.scheduler, &b.fibers[i].ctx);
+            resumed = true;
+        }
+        if (!resumed && b.done < b.n_threads && !b.abort) {
+            record_error(describe_deadlock(b));
+            b.abort = true;
+        }
+    }
+}
+
+void run_worker(Launch* launch, dim3 grid, dim3 block, std::atomic<uint64_t>* next_block) {
+    t_launch = launch;
+    gridDim = grid;
+    blockDim = block;
+    Block b;
+    b.launch = launch;
+    b.n_threads = block.x * block.y * block.z;
+    b.fibers.resize(b.n_threads);
+    b.warps.resize((b.n_threads + WARP_LANES - 1) / WARP_LANES);
+    b.stacks = static_cast<char*>(malloc((size_t)b.n_threads * FIBER_STACK_BYTES));
+    if (!b.stacks) {
+        record_error("out of memory for fiber stacks");
+        return;
+    }
+    t_block = &b;
+    const uint64_t total = (uint64_t)grid.x * grid.y * grid.z;
+    for (uint64_t k = next_block->fetch_add(1); k < total && !launch->failed.load(); k = next_block->fetch_add(1)) {
+        const dim3 idx{(uint32_t)(k % grid.x), (uint32_t)((k / grid.x) % grid.y), (uint32_t)(k / ((uint64_t)grid.x * grid.y))};
+        run_block(b, idx);
+    }
+    t_block = nullptr;
+    free(b.stacks);
+}
+
+const std::unordered_map<std::string, std::pair<Entry, StaticData>>& registry() {
+    static const auto* table = [] {
+        auto* t = new std::unordered_map<std::string, std::pair<Entry, StaticData>>();
+#define MESWITCH_EMU_ADD_MODULE(module)                                                      \
+    {                                                                                      \
+        const Module m = meswitch_emu_module_##module();                                     \
+        for (size_t i = 0; i < m.n_entries; ++i) (*t)[m.entries[i].name] = {m.entries[i], m.statics}; \
+    }
+        MESWITCH_EMU_MODULES(MESWITCH_EMU_ADD_MODULE)
+#undef MESWITCH_EMU_ADD_MODULE
+        return t;
+    }();
+    return *table;
+}
+
+void copy_message(char* dst, size_t len, const std::string& msg) {
+    if (!dst || len == 0) return;
+    snprintf(dst, len, "%s", msg.c_str());
+}
+
+}  // namespace
+
+void __syncthreads() {
+    Block& b = *t_block;
+    b.fibers[b.current].state = State::AtBarrier;
+    ++b.at_barrier;
+    release_barrier_if_complete(b);
+    yield_to_scheduler();
+}
+
+namespace meswitch_emu {
+
+uint32_t shfl_xor_bits(uint32_t mask, uint32_t bits, int lane_mask) {
+    const uint32_t in[6] = {bits, 0, 0, 0, 0, 0};
+    WarpSlot& s = arrive(WarpOp::Shfl, mask, lane_mask, in, nullptr);
+    return s.out_bits[t_block->current % WARP_LANES];
+}
+
+void mma_16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    const uint32_t in[6] = {a0, a1, a2, a3, b0, b1};
+    WarpSlot& s = arrive(WarpOp::Mma, FULL_MASK, 0, in, c);
+    memcpy(c, s.out[t_block->current % WARP_LANES], 4 * sizeof(float));
+}
+
+bool check_load(const void* p, size_t bytes) {
+    const uintptr_t a = (uintptr_t)p;
+    if (a % bytes != 0) {
+        char msg[120];
+        snprintf(msg, sizeof msg, "misaligned %zu-byte load at %#lx", bytes, (unsigned long)a);
+        record_error(msg);
+        return false;
+    }
+    if (t_launch) {
+        for (const auto& r : t_launch->regions) {
+            if (a >= r.first && a + bytes <= r.first + r.second) return true;
+        }
+        char msg[120];
+        snprintf(msg, sizeof msg, "%zu-byte load at %#lx outside every buffer of the launch", bytes, (unsigned long)a);
+        record_error(msg);
+        return false;
+    }
+    return true;
+}
+
+void fail(const char* what) { record_error(what); }
+
+}  // namespace meswitch_emu
+
+// Runs kernel `entry` over grid x block with `params` (param_size bytes, which
+// must be the entry's param struct size). `regions` holds n_regions (address,
+// length) pairs: the buffers the params point into, which the checked loads
+// may read. Returns 0 on success; else writes a message into err and returns
+// 1 (unknown entry or bad arguments) or 2 (the kernel failed a check).
+extern "C" int meswitch_emu_launch(const char* entry, const uint32_t grid[3], const uint32_t block[3],
+                                   const void* params, size_t param_size, const uint64_t* regions,
+                                   size_t n_regions, char* err, size_t err_len) {
+    const auto& table = registry();
+    const auto found = table.find(entry);
+    if (found == table.end()) {
+        copy_message(err, err_len, std::string("no emulated kernel named ") + entry);
+        return 1;
+    }
+    const Entry& e = found->second.first;
+    if (e.param_size != param_size) {
+        copy_message(err, err_len, std::string("param struct size mismatch for ") + entry);
+        return 1;
+    }
+    const uint64_t threads = (uint64_t)block[0] * block[1] * block[2];
+    if (threads == 0 || threads > MAX_BLOCK_THREADS || grid[0] == 0 || grid[1] == 0 || grid[2] == 0) {
+        copy_message(err, err_len, "launch dimensions out of range");
+        return 1;
+    }
+    Launch launch;
+    launch.entry = &e;
+    launch.params = params;
+    for (size_t i = 0; i < n_regions; ++i) launch.regions.emplace_back((uintptr_t)regions[2 * i], (size_t)regions[2 * i + 1]);
+    const StaticData& s = found->second.second;
+    if (s.data) launch.regions.emplace_back((uintptr_t)s.data, s.bytes);
+
+    const dim3 g{grid[0], grid[1], grid[2]}, bl{block[0], block[1], block[2]};
+    // Shared memory is one static per kernel (cuda_fp16.h): one block at a
+    // time in the process, whichever thread launches.
+    static std::mutex one_block_at_a_time;
+    std::lock_guard<std::mutex> serial(one_block_at_a_time);
+    std::atomic<uint64_t> next{0};
+    run_worker(&launch, g, bl, &next);
+    t_launch = nullptr;
+    if (launch.failed.load()) {
+        copy_message(err, err_len, launch.error);
+        return 2;
+    }
+    return 0;
+}
