@@ -37,6 +37,8 @@ fn build_emulation() {
         "rope",
         "activation",
         "attention",
+        // Kernels that test the emulation itself (tests/emu_runtime.rs).
+        "selftest",
     ];
     println!("cargo:rerun-if-changed=emu");
     println!("cargo:rerun-if-changed=kernels");

@@ -204,7 +204,67 @@ proptest! {
 }
 
 /// (name, out, in, bits, group, experts, batch, row mix)
-type EdgeCase = (&'static str, usize, usize, Bits, usize, usize, usize, RowMix);
+type EdgeCase = (
+    &'static str,
+    usize,
+    usize,
+    Bits,
+    usize,
+    usize,
+    usize,
+    RowMix,
+);
+
+/// The dequantize kernel on a case's first expert, with or without the base.
+fn emu_dequantize(case: &Case, with_base: bool) -> Vec<f16> {
+    let d = case.experts[0].view();
+    let l = d.layout;
+    let mut out = vec![POISON; l.out_features * l.in_features];
+    let entry = meswitch_ptx::dequantize_entry(l.bits.count()).expect("entry");
+    let (grid, block) = meswitch_ptx::dequantize_launch_dims(l.out_features).expect("grid");
+    let params = abi::MeswitchDequantParams {
+        delta: descriptor(&d),
+        base: if with_base { emu::addr(&case.base) } else { 0 },
+        out: emu::addr_mut(&mut out),
+        out_features: l.out_features as u32,
+        in_features: l.in_features as u32,
+        group_size: l.group_size as u32,
+        reserved: 0,
+    };
+    // SAFETY: the delta's arrays are live and valid for its layout; base and
+    // out hold out·in elements.
+    unsafe { emu::launch(&entry, (grid, 1, 1), (block, 1, 1), &params, &[]) }
+        .unwrap_or_else(|e| panic!("dequantize: {e}"));
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(emu_cases()))]
+
+    /// Bit-identical, as the header promises and `gpu_kernels.rs` checks on
+    /// a device; any input width (this kernel has no K-chunk requirement).
+    #[test]
+    fn emulated_dequantize_is_bit_exact(
+        (out_features, in_features, group) in shape(),
+        bits in bits(),
+        with_base in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let case = Case::random(&mut rng, out_features, in_features, bits, group, 1, 1, RowMix::Random);
+        let got = emu_dequantize(&case, with_base);
+        let mut want = vec![f16::ZERO; got.len()];
+        let base_view = case.base();
+        reference::dequantize_f16(&case.experts[0].view(), with_base.then_some(&base_view), &mut want).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            prop_assert!(
+                g.to_bits() == w.to_bits(),
+                "dequantize[{}, {}] = {} (bits {:#06x}), reference {} (bits {:#06x}), base: {}",
+                i / in_features, i % in_features, g, g.to_bits(), w, w.to_bits(), with_base
+            );
+        }
+    }
+}
 
 #[test]
 fn emulated_gemv_edge_cases() {

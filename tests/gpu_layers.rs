@@ -34,275 +34,46 @@
 #[allow(dead_code, unused_imports)]
 mod gpu_support;
 
-use gpu_support::*;
+#[allow(dead_code)]
+mod layer_support;
+
+use layer_support::*;
 use meswitch::ops::layers::{self, AttnRows, DeviceKv, LayerError, RopeTable};
 use meswitch::ops::OpsError;
-use meswitch::reference::layers as cpu;
-use meswitch::reference::layers::AttnShape;
-
-/// An f32 NaN poison for f32 outputs (embed), like `POISON` for f16.
-const POISON_F32: f32 = f32::NAN;
-
-fn f32s(v: &[f16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
-
-fn uniform(rng: &mut StdRng, n: usize, lim: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-lim..lim)).collect()
-}
-
-fn uniform_f16(rng: &mut StdRng, n: usize, lim: f32) -> Vec<f16> {
-    (0..n)
-        .map(|_| f16::from_f32(rng.random_range(-lim..lim)))
-        .collect()
-}
-
-/// `|got − want| ≤ tol`, with a message naming the element.
-fn assert_within(got: f16, want: f64, tol: f64, what: &str, at: impl FnOnce() -> String) {
-    let g = f64::from(got.to_f32());
-    assert!(
-        got.is_finite() && (g - want).abs() <= tol,
-        "{what}{}: got {g} (bits {:#06x}), reference {want}, tolerance {tol:.3e}",
-        at(),
-        got.to_bits()
-    );
-}
-
-/// Widths: one element, odd, small, and model sizes (576 SmolLM2, 4096 Mistral).
-fn width() -> impl Strategy<Value = usize> {
-    prop_oneof![Just(1usize), 1usize..=700, Just(576usize), Just(4096usize)]
-}
 
 // ---- one attention step over several sequences --------------------------------
-
-/// A step: sequences with `history` positions already cached and `new`
-/// positions in this step (a prefill when many, a decode when one), rows of
-/// all sequences shuffled together.
-#[derive(Debug, Clone)]
-struct StepCase {
-    shape: AttnShape,
-    /// (history, new, spare capacity) per sequence.
-    sequences: Vec<(usize, usize, usize)>,
-    n_layers: usize,
-    layer: usize,
-    seed: u64,
-}
-
-fn head_dim() -> impl Strategy<Value = usize> {
-    prop_oneof![
-        Just(2usize),
-        (1usize..=40).prop_map(|h| 2 * h),
-        Just(64usize),
-        Just(128usize),
-        Just(256usize)
-    ]
-}
-
-fn step_case() -> impl Strategy<Value = StepCase> {
-    (
-        head_dim(),
-        1usize..=4,
-        prop_oneof![Just(1usize), Just(2), Just(4), Just(8)],
-        prop::collection::vec(
-            (
-                prop_oneof![Just(0usize), 0usize..=80, 100usize..=300],
-                prop_oneof![Just(1usize), 1usize..=24],
-                0usize..=5,
-            ),
-            1..=4,
-        ),
-        prop_oneof![Just(None), (1usize..=40).prop_map(Some)],
-        1usize..=3,
-        any::<u64>(),
-    )
-        .prop_map(
-            |(head_dim, n_kv_heads, group, sequences, window, n_layers, seed)| StepCase {
-                shape: AttnShape {
-                    n_heads: n_kv_heads * group,
-                    n_kv_heads,
-                    head_dim,
-                    sliding_window: window,
-                },
-                sequences,
-                n_layers,
-                layer: (seed as usize) % n_layers,
-                seed,
-            },
-        )
-}
-
-struct SeqData {
-    keys: Vec<f16>,
-    values: Vec<f16>,
-}
 
 /// Runs `case` on the device (history appended at every layer in a first
 /// step, then this step's rows appended and attended at `case.layer`) and
 /// checks the caches and the output against the reference.
 fn check_step(gpu: &Gpu, case: &StepCase) {
+    let plan = StepPlan::new(case);
     let s = case.shape;
-    let (kv_dim, q_dim) = (s.kv_dim(), s.q_dim());
-    let mut rng = StdRng::seed_from_u64(case.seed);
-    let data: Vec<SeqData> = case
-        .sequences
-        .iter()
-        .map(|&(history, new, _)| SeqData {
-            keys: uniform_f16(&mut rng, (history + new) * kv_dim, 1.0),
-            values: uniform_f16(&mut rng, (history + new) * kv_dim, 1.0),
-        })
-        .collect();
-    let caches: Vec<DeviceKv> = case
-        .sequences
-        .iter()
-        .map(|&(h, n, spare)| DeviceKv::new(gpu, case.n_layers, kv_dim, h + n + spare).unwrap())
+    let caches: Vec<DeviceKv> = (0..case.sequences.len())
+        .map(|i| DeviceKv::new(gpu, case.n_layers, s.kv_dim(), plan.capacity(i)).unwrap())
         .collect();
     let refs: Vec<&DeviceKv> = caches.iter().collect();
-
-    // History: one earlier step writing positions 0..history of every
-    // sequence at every layer (other layers get other data, so reading the
-    // wrong layer fails).
-    let history_rows: Vec<(usize, usize)> = case
-        .sequences
-        .iter()
-        .enumerate()
-        .flat_map(|(i, &(h, _, _))| (0..h).map(move |p| (i, p)))
-        .collect();
-    let gather = |rows: &[(usize, usize)], layer: usize| -> (Vec<f16>, Vec<f16>) {
-        let (mut k, mut v) = (Vec::new(), Vec::new());
-        for &(i, p) in rows {
-            let (keys, values) = layer_data(&data[i], layer, case.layer);
-            k.extend_from_slice(&keys[p * kv_dim..][..kv_dim]);
-            v.extend_from_slice(&values[p * kv_dim..][..kv_dim]);
-        }
-        (k, v)
-    };
-    if !history_rows.is_empty() {
-        let step = AttnRows::upload(gpu, &refs, &history_rows).unwrap();
+    if !plan.history.is_empty() {
+        let step = AttnRows::upload(gpu, &refs, &plan.history).unwrap();
         for layer in 0..case.n_layers {
-            let (k, v) = gather(&history_rows, layer);
+            let (k, v) = plan.gather(&plan.history, layer);
             let (k, v) = (ops::upload(gpu, &k).unwrap(), ops::upload(gpu, &v).unwrap());
             layers::kv_append_device(gpu, layer, &k, &v, &step).unwrap();
         }
     }
-
-    // This step: every sequence's new positions, shuffled together.
-    let mut rows: Vec<(usize, usize)> = case
-        .sequences
-        .iter()
-        .enumerate()
-        .flat_map(|(i, &(h, n, _))| (h..h + n).map(move |p| (i, p)))
-        .collect();
-    for i in (1..rows.len()).rev() {
-        rows.swap(i, rng.random_range(0..=i));
-    }
-    let step = AttnRows::upload(gpu, &refs, &rows).unwrap();
-    let (k, v) = gather(&rows, case.layer);
+    let step = AttnRows::upload(gpu, &refs, &plan.rows).unwrap();
+    let (k, v) = plan.gather(&plan.rows, case.layer);
     let (k, v) = (ops::upload(gpu, &k).unwrap(), ops::upload(gpu, &v).unwrap());
     layers::kv_append_device(gpu, case.layer, &k, &v, &step).unwrap();
-    let q = uniform_f16(&mut rng, rows.len() * q_dim, 1.0);
-    let d_q = ops::upload(gpu, &q).unwrap();
-    let mut d_out = ops::upload(gpu, &vec![POISON; q.len()]).unwrap();
+    let d_q = ops::upload(gpu, &plan.q).unwrap();
+    let mut d_out = ops::upload(gpu, &vec![POISON; plan.q.len()]).unwrap();
     layers::attention_device(gpu, s, case.layer, &d_q, &step, &mut d_out).unwrap();
     let out = download(gpu, &d_out);
-
-    // The caches hold exactly what was appended at `case.layer`, zeros past it.
     for (i, cache) in caches.iter().enumerate() {
         let (k, v) = cache.download_layer(gpu, case.layer).unwrap();
-        let len = data[i].keys.len();
-        assert_eq!(&k[..len], &data[i].keys[..], "cache {i} keys");
-        assert_eq!(&v[..len], &data[i].values[..], "cache {i} values");
-        assert!(k[len..].iter().chain(&v[len..]).all(|x| x.to_bits() == 0));
+        plan.assert_cache(i, &k, &v);
     }
-
-    // Reference: each row against its sequence's full f32 cache.
-    let keys: Vec<Vec<f32>> = data.iter().map(|d| f32s(&d.keys)).collect();
-    let values: Vec<Vec<f32>> = data.iter().map(|d| f32s(&d.values)).collect();
-    let queries: Vec<cpu::Query> = rows
-        .iter()
-        .map(|&(i, pos)| cpu::Query {
-            pos,
-            keys: &keys[i],
-            values: &values[i],
-        })
-        .collect();
-    let mut expected = vec![0f32; q.len()];
-    cpu::attention(s, &f32s(&q), &queries, &mut expected);
-    assert_attention_close(s, &q, &queries, &out, &expected);
-}
-
-/// Layer `layer`'s data of a sequence: the sequence's own keys at the tested
-/// layer, a transformed copy (negated) at the others.
-fn layer_data(d: &SeqData, layer: usize, tested: usize) -> (Vec<f16>, Vec<f16>) {
-    if layer == tested {
-        (d.keys.clone(), d.values.clone())
-    } else {
-        let neg = |v: &[f16]| v.iter().map(|x| -*x).collect();
-        (neg(&d.keys), neg(&d.values))
-    }
-}
-
-fn assert_attention_close(
-    s: AttnShape,
-    q: &[f16],
-    queries: &[cpu::Query],
-    out: &[f16],
-    expected: &[f32],
-) {
-    let (d, kv_dim) = (s.head_dim, s.kv_dim());
-    let scale = 1.0 / (d as f64).sqrt();
-    let mut weighted_abs = vec![0f64; d];
-    fn at(buf: &[f32], j: usize, kv_dim: usize, offset: usize, d: usize) -> &[f32] {
-        &buf[j * kv_dim + offset..][..d]
-    }
-    for (t, query) in queries.iter().enumerate() {
-        let lo = cpu::attention_window_start(query.pos, s.sliding_window);
-        let len = query.pos + 1 - lo;
-        for h in 0..s.n_heads {
-            let kvh = h / s.group();
-            let qh = &q[(t * s.n_heads + h) * d..][..d];
-            // Scores and their rounding bound, in f64.
-            let mut scores = Vec::with_capacity(len);
-            let mut max_ds = 0f64;
-            for j in lo..=query.pos {
-                let (mut dot, mut mag) = (0f64, 0f64);
-                for (a, b) in qh.iter().zip(at(query.keys, j, kv_dim, kvh * d, d)) {
-                    let p = f64::from(a.to_f32()) * f64::from(*b);
-                    dot += p;
-                    mag += p.abs();
-                }
-                scores.push(dot * scale);
-                max_ds = max_ds.max(SUM_ORDER * d as f64 * U32 * mag * scale);
-            }
-            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-            let total: f64 = w.iter().sum();
-            // Σⱼ pⱼ·|vⱼ| per element of the head.
-            weighted_abs.fill(0.0);
-            for (j, w) in (lo..=query.pos).zip(&w) {
-                for (acc, v) in weighted_abs
-                    .iter_mut()
-                    .zip(at(query.values, j, kv_dim, kvh * d, d))
-                {
-                    *acc += w / total * f64::from(v.abs());
-                }
-            }
-            for (c, wa) in weighted_abs.iter().enumerate() {
-                let i = (t * s.n_heads + h) * d + c;
-                let want = f64::from(expected[i]);
-                // Kernel and reference each round their L-term f32 sums and
-                // exponentials: SUM_ORDER·(L + 8)·u₃₂ for each side.
-                let tol = wa * (2.0 * max_ds + 2.0 * SUM_ORDER * (len + 8) as f64 * U32)
-                    + 2.0 * U16 * want.abs()
-                    + FP16_TINY;
-                assert_within(out[i], want, tol, "attention", || {
-                    format!(
-                        " row {t} (pos {}, window {:?}) head {h} (kv head {kvh}) elem {c}; shape {s:?}",
-                        query.pos, s.sliding_window
-                    )
-                });
-            }
-        }
-    }
+    plan.assert_output(&out);
 }
 
 proptest! {
@@ -318,15 +89,7 @@ proptest! {
         let mut d_y = ops::upload(gpu, &vec![POISON; rows * n]).unwrap();
         layers::rms_norm_device(gpu, &d_x, &d_w, eps, rows, &mut d_y).unwrap();
         let y = download(gpu, &d_y);
-        let mut want = vec![0f32; n];
-        for r in 0..rows {
-            cpu::rms_norm(&x[r * n..][..n], &w, eps, &mut want);
-            for c in 0..n {
-                let want = f64::from(want[c]);
-                let tol = SUM_ORDER * n as f64 * U32 * want.abs() + 2.0 * U16 * want.abs() + FP16_TINY;
-                assert_within(y[r * n + c], want, tol, "rms_norm", || format!(" y[{r},{c}], n {n}"));
-            }
-        }
+        assert_rms_norm(&x, &w, eps, rows, &y);
     }
 
     #[test]
@@ -344,16 +107,7 @@ proptest! {
         let positions: Vec<usize> = (0..rows).map(|_| rng.random_range(0..5000)).collect();
         let mut got = x.clone();
         layers::rope(gpu, &mut got, head_dim, n_heads, &positions, theta).unwrap();
-        let inv_freq = cpu::rope_inv_freq(head_dim, theta);
-        for (r, &pos) in positions.iter().enumerate() {
-            let mut want = f32s(&x[r * width..][..width]);
-            cpu::rope(&mut want, head_dim, pos, &inv_freq);
-            for (c, w) in want.iter().enumerate() {
-                let g = got[r * width + c];
-                prop_assert_eq!(g.to_bits(), f16::from_f32(*w).to_bits(),
-                    "rope row {} (pos {}) elem {}: got {}, reference {}", r, pos, c, g, w);
-            }
-        }
+        assert_rope(&x, &got, head_dim, &positions, theta);
     }
 
     #[test]
@@ -365,12 +119,7 @@ proptest! {
         let up = uniform_f16(&mut rng, n, 3.0);
         let mut out = vec![POISON; n];
         layers::swiglu(gpu, &gate, &up, &mut out).unwrap();
-        let mut want = f32s(&gate);
-        cpu::swiglu(&mut want, &f32s(&up));
-        for (i, w) in want.iter().enumerate() {
-            let w = f64::from(*w);
-            assert_within(out[i], w, 2.0 * U16 * w.abs() + FP16_TINY, "swiglu", || format!("[{i}]"));
-        }
+        assert_swiglu(&gate, &up, &out);
     }
 
     #[test]
@@ -386,16 +135,11 @@ proptest! {
         let tokens: Vec<u32> = (0..rows).map(|_| rng.random_range(0..vocab as u32)).collect();
         let mut h = vec![POISON_F32; rows * hidden];
         layers::embed(gpu, &table, vocab, hidden, &tokens, &mut h).unwrap();
-        for (r, &t) in tokens.iter().enumerate() {
-            let want = f32s(&table[t as usize * hidden..][..hidden]);
-            prop_assert_eq!(&h[r * hidden..][..hidden], &want[..], "embed row {} token {}", r, t);
-        }
+        assert_embed(&table, hidden, &tokens, &h);
         let y = uniform_f16(&mut rng, rows * hidden, 1.0);
         let before = h.clone();
         layers::add_residual(gpu, &mut h, &y).unwrap();
-        for i in 0..h.len() {
-            prop_assert_eq!(h[i].to_bits(), (before[i] + y[i].to_f32()).to_bits(), "add_residual [{}]", i);
-        }
+        assert_add_residual(&before, &y, &h);
     }
 
     #[test]

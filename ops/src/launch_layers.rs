@@ -49,13 +49,10 @@ fn per_row(rows: usize) -> Result<LaunchConfig, OpsError> {
 
 /// Enough blocks for one element per thread, capped (the kernels loop).
 fn elementwise(n: usize) -> LaunchConfig {
-    let threads = abi::MESWITCH_ELEMENTWISE_THREADS as usize;
-    let blocks = n
-        .div_ceil(threads)
-        .clamp(1, abi::MESWITCH_ELEMENTWISE_MAX_BLOCKS as usize);
+    let (blocks, threads) = meswitch_ptx::elementwise_launch_dims(n);
     LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (abi::MESWITCH_ELEMENTWISE_THREADS, 1, 1),
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
 }

@@ -97,7 +97,8 @@ struct Module {
 
 }  // namespace meswitch_emu
 
-// Each module translation unit defines one of these (module_*.cpp).
+// Each module translation unit defines one of these (module_*.cpp);
+// selftest holds kernels that test the emulation itself.
 #define MESWITCH_EMU_MODULES(X) \
     X(multi_expert_gemv)        \
     X(delta_gemv)               \
@@ -107,7 +108,8 @@ struct Module {
     X(norm)                     \
     X(rope)                     \
     X(activation)               \
-    X(attention)
+    X(attention)                \
+    X(selftest)
 
 #define MESWITCH_EMU_DECLARE_MODULE(name) meswitch_emu::Module meswitch_emu_module_##name();
 MESWITCH_EMU_MODULES(MESWITCH_EMU_DECLARE_MODULE)

@@ -262,3 +262,16 @@ pub fn dequantize_launch_dims(out_features: usize) -> Option<(u32, u32)> {
     let blocks = u32::try_from(out_features).ok()?;
     (blocks > 0).then_some((blocks, abi::MESWITCH_DEQUANT_THREADS))
 }
+
+/// Launch shape of the elementwise kernels (`meswitch_swiglu`,
+/// `meswitch_add_residual`): `(grid.x, block.x)`, enough blocks for one
+/// element per thread, at least one and at most
+/// `MESWITCH_ELEMENTWISE_MAX_BLOCKS` (the kernels' grid-stride loop covers
+/// the rest).
+pub fn elementwise_launch_dims(n: usize) -> (u32, u32) {
+    let threads = abi::MESWITCH_ELEMENTWISE_THREADS;
+    let blocks = n
+        .div_ceil(threads as usize)
+        .clamp(1, abi::MESWITCH_ELEMENTWISE_MAX_BLOCKS as usize);
+    (blocks as u32, threads)
+}

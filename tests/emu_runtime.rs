@@ -1,0 +1,214 @@
+//! The host emulation's own runtime (`ptx/emu/simt.cpp`), on the kernels of
+//! `ptx/emu/module_selftest.cpp`: its mma follows the PTX ISA's fragment
+//! layout (built here independently, matrix first, then packed into
+//! fragments), shuffles and barriers compute what they should, and the
+//! faults a GPU would hang on or report as an error are launch errors.
+
+use half::f16;
+use meswitch_ptx::abi;
+use meswitch_ptx::emu::{self, EmuError, Region};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const M: usize = 16;
+const N: usize = 8;
+const K: usize = 16;
+const LANES: usize = 32;
+
+fn params(a: u64, out: u64, n: u32) -> abi::MeswitchElementwiseParams {
+    abi::MeswitchElementwiseParams {
+        a,
+        b: 0,
+        out,
+        n,
+        reserved: 0,
+    }
+}
+
+fn pack(lo: f16, hi: f16) -> u32 {
+    u32::from(lo.to_bits()) | (u32::from(hi.to_bits()) << 16)
+}
+
+/// mma.m16n8k16 on small integers (exact in f16 and f32): D = A·B + C.
+#[test]
+fn mma_follows_the_ptx_fragment_layout() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let small = |rng: &mut StdRng| f16::from_f32(rng.random_range(-8i32..=8) as f32);
+    let a: Vec<Vec<f16>> = (0..M)
+        .map(|_| (0..K).map(|_| small(&mut rng)).collect())
+        .collect();
+    let b: Vec<Vec<f16>> = (0..K)
+        .map(|_| (0..N).map(|_| small(&mut rng)).collect())
+        .collect();
+    let c: Vec<Vec<f32>> = (0..M)
+        .map(|_| {
+            (0..N)
+                .map(|_| rng.random_range(-100i32..=100) as f32)
+                .collect()
+        })
+        .collect();
+    // Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16", f16 A/B, f32 C).
+    let mut regs = vec![0u32; 6 * LANES];
+    let mut acc = vec![0f32; 4 * LANES];
+    for lane in 0..LANES {
+        let (g, t) = (lane / 4, lane % 4);
+        let r = &mut regs[6 * lane..][..6];
+        r[0] = pack(a[g][2 * t], a[g][2 * t + 1]);
+        r[1] = pack(a[g + 8][2 * t], a[g + 8][2 * t + 1]);
+        r[2] = pack(a[g][2 * t + 8], a[g][2 * t + 9]);
+        r[3] = pack(a[g + 8][2 * t + 8], a[g + 8][2 * t + 9]);
+        r[4] = pack(b[2 * t][g], b[2 * t + 1][g]);
+        r[5] = pack(b[2 * t + 8][g], b[2 * t + 9][g]);
+        acc[4 * lane..][..4].copy_from_slice(&[
+            c[g][2 * t],
+            c[g][2 * t + 1],
+            c[g + 8][2 * t],
+            c[g + 8][2 * t + 1],
+        ]);
+    }
+    let p = params(emu::addr(&regs), emu::addr_mut(&mut acc), 0);
+    // SAFETY: 6 words of inputs and 4 accumulators per lane of one warp.
+    unsafe { emu::launch("meswitch_emu_selftest_mma", (1, 1, 1), (32, 1, 1), &p, &[]) }.unwrap();
+    for lane in 0..LANES {
+        let (g, t) = (lane / 4, lane % 4);
+        for (k, (row, col)) in [
+            (g, 2 * t),
+            (g, 2 * t + 1),
+            (g + 8, 2 * t),
+            (g + 8, 2 * t + 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let want: f32 = c[row][col]
+                + (0..K)
+                    .map(|i| a[row][i].to_f32() * b[i][col].to_f32())
+                    .sum::<f32>();
+            assert_eq!(acc[4 * lane + k], want, "D[{row}][{col}] (lane {lane})");
+        }
+    }
+}
+
+#[test]
+fn shuffles_and_barriers_reduce_a_block() {
+    const BLOCKS: usize = 3;
+    const THREADS: usize = 256;
+    let a: Vec<f32> = (0..BLOCKS * THREADS).map(|i| (i % 97) as f32).collect();
+    let mut out = vec![f32::NAN; BLOCKS];
+    let p = params(emu::addr(&a), emu::addr_mut(&mut out), 0);
+    // SAFETY: one input per thread, one output per block.
+    unsafe {
+        emu::launch(
+            "meswitch_emu_selftest_block_sum",
+            (BLOCKS as u32, 1, 1),
+            (THREADS as u32, 1, 1),
+            &p,
+            &[],
+        )
+    }
+    .unwrap();
+    for (blk, got) in out.iter().enumerate() {
+        let want: f32 = a[blk * THREADS..][..THREADS].iter().sum();
+        assert_eq!(*got, want, "block {blk}");
+    }
+}
+
+fn kernel_error(
+    entry: &str,
+    block: u32,
+    p: &abi::MeswitchElementwiseParams,
+    regions: &[Region],
+) -> String {
+    // SAFETY: the callers give each selftest kernel the buffers it reads
+    // (block_sum: one float per thread at p.a; load: 16 bytes at p.a + p.n)
+    // and writes (one word at p.out); the others touch no memory.
+    match unsafe { emu::launch(entry, (1, 1, 1), (block, 1, 1), p, regions) } {
+        Err(EmuError::Kernel(m)) => m,
+        other => panic!("{entry}: expected a kernel error, got {other:?}"),
+    }
+}
+
+#[test]
+fn faults_are_errors_not_hangs() {
+    let p = params(0, 0, 0);
+    let m = kernel_error("meswitch_emu_selftest_split_warp", 64, &p, &[]);
+    assert!(m.contains("deadlock"), "{m}");
+    let m = kernel_error("meswitch_emu_selftest_shuffle_without_lane", 32, &p, &[]);
+    assert!(m.contains("returned"), "{m}");
+    let (a, mut out) = ([1f32; 48], [0f32; 1]);
+    let sum = params(emu::addr(&a), emu::addr_mut(&mut out), 0);
+    let m = kernel_error("meswitch_emu_selftest_block_sum", 48, &sum, &[]);
+    assert!(m.contains("partial warp"), "{m}");
+}
+
+#[test]
+fn checked_loads_need_alignment_and_a_declared_buffer() {
+    // 32 bytes, 16-byte aligned (u128 alignment on x86-64 Linux is 16).
+    let words = [0x1111_2222_3333_4444u128, 0x5555_6666_7777_8888u128];
+    let bytes = Region::of(&words);
+    let mut out = [0u32; 1];
+    let at = |n: u32, out: &mut [u32]| params(emu::addr(&words), emu::addr_mut(out), n);
+
+    let p = at(16, &mut out);
+    // SAFETY: reads bytes 16..32 of `words`, writes out[0].
+    unsafe {
+        emu::launch(
+            "meswitch_emu_selftest_load",
+            (1, 1, 1),
+            (1, 1, 1),
+            &p,
+            &[bytes],
+        )
+    }
+    .unwrap();
+    assert_eq!(out[0], 0x7777_8888);
+
+    let m = kernel_error("meswitch_emu_selftest_load", 1, &at(4, &mut out), &[bytes]);
+    assert!(m.contains("misaligned"), "{m}");
+    let m = kernel_error("meswitch_emu_selftest_load", 1, &at(16, &mut out), &[]);
+    assert!(m.contains("outside every buffer"), "{m}");
+    let m = kernel_error("meswitch_emu_selftest_load", 1, &at(32, &mut out), &[bytes]);
+    assert!(m.contains("outside every buffer"), "{m}");
+}
+
+#[test]
+fn bad_launches_are_refused() {
+    let p = params(0, 0, 0);
+    // SAFETY: refused before any kernel runs.
+    let refused =
+        |entry: &str, block: u32| unsafe { emu::launch(entry, (1, 1, 1), (block, 1, 1), &p, &[]) };
+    assert!(matches!(
+        refused("no_such_kernel", 32),
+        Err(EmuError::Launch(_))
+    ));
+    assert!(matches!(
+        refused("meswitch_emu_selftest_load", 0),
+        Err(EmuError::Launch(_))
+    ));
+    assert!(matches!(
+        refused("meswitch_emu_selftest_load", 2048),
+        Err(EmuError::Launch(_))
+    ));
+    // The wrong param struct for an entry is refused by its size.
+    let gemv = abi::MeswitchGemvParams {
+        base: 0,
+        experts: 0,
+        row_expert: 0,
+        x: 0,
+        y: 0,
+        out_features: 0,
+        in_features: 0,
+        batch: 0,
+        n_experts: 0,
+    };
+    // SAFETY: refused before any kernel runs.
+    let wrong = unsafe {
+        emu::launch(
+            "meswitch_emu_selftest_load",
+            (1, 1, 1),
+            (1, 1, 1),
+            &gemv,
+            &[],
+        )
+    };
+    assert!(matches!(wrong, Err(EmuError::Launch(m)) if m.contains("size")));
+}
