@@ -61,7 +61,8 @@ done
 cat > "$stage/run_on_gpu.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root:
-#   bash .device/run_on_gpu.sh [all|tests|memcheck|bench|decode]     (default all)
+#   bash .device/run_on_gpu.sh [all|tests|memcheck|bench|decode|session]     (default all)
+# `session` is the one-call verification (tests, decode bench, memcheck under deadlines).
 # One stage per call fits a 10-minute command limit; the bench sweep is set by MESWITCH_BENCH_*.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -139,6 +140,33 @@ if [ "$stage" = decode ]; then
     CRITERION_HOME="${TMPDIR:-/tmp}/criterion" "$b" --bench || status=1
   done
 fi
+if [ "$stage" = session ]; then
+  # The whole verification in one call that fits the device tool's 10-minute
+  # command limit (a session has 15 minutes of device time, start included),
+  # most valuable first: the correctness tests (the CUDA runtime against the
+  # CPU one among them), the 32-layer decode bench (the issues' GPU figures),
+  # then memcheck. Each part stops at its deadline and the next one runs.
+  export MESWITCH_GPU_PROPTEST_CASES=${MESWITCH_GPU_PROPTEST_CASES:-16}
+  deadline=$((SECONDS + ${MESWITCH_SESSION_TESTS_S:-200}))
+  for t in "$here"/tests/*; do
+    left=$((deadline - SECONDS))
+    [ "$left" -gt 5 ] || { echo "== $(basename "$t"): skipped, test budget spent"; status=1; continue; }
+    echo "== $(basename "$t") (at most ${left}s)"
+    timeout "$left" "$t" --test-threads=1 || status=1
+  done
+  echo "== decode bench (at most ${MESWITCH_SESSION_DECODE_S:-270}s)"
+  for b in "$here"/decode/*; do
+    MESWITCH_DECODE_MEASURE_S=${MESWITCH_DECODE_MEASURE_S:-2} CRITERION_HOME="${TMPDIR:-/tmp}/criterion" \
+      timeout "${MESWITCH_SESSION_DECODE_S:-270}" "$b" --bench || status=1
+  done
+  if command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer memcheck (at most 90s)"
+    timeout 60 compute-sanitizer --tool memcheck --error-exitcode 99 \
+      "$here/tests/gpu_kernels" named_edge_cases --exact --test-threads=1 || status=1
+    timeout 30 compute-sanitizer --tool memcheck --error-exitcode 99 \
+      "$here/tests/gpu_layers" named_layer_edge_cases --exact --test-threads=1 || status=1
+  fi
+fi
 date -u
 exit $status
 RUN
@@ -148,7 +176,9 @@ cp scripts/gpu_profile.sh "$stage/profile.sh"   # ncu profile: bash .device/prof
 du -sh "$stage"
 echo
 echo "Staged in $stage/. On the GPU machine (device tool: carry [\"$stage\"]), from the repo root,"
-echo "one stage per call (each fits a 10-minute limit):"
+echo "the whole verification in one call (timeout_s 600; fits a 15-minute device budget):"
+echo "  bash $stage/run_on_gpu.sh session"
+echo "or one stage per call (each fits a 10-minute limit):"
 echo "  bash $stage/run_on_gpu.sh tests      # MESWITCH_GPU_PROPTEST_CASES=N to change the 64 cases"
 echo "  bash $stage/run_on_gpu.sh memcheck"
 echo "  bash $stage/run_on_gpu.sh decode     # model decode bench; MESWITCH_DECODE_LAYERS=4 for a quick run"

@@ -359,3 +359,29 @@ fn emulated_gemv_checks_reject_wrong_work() {
         .expect_err("no such entry");
     assert!(matches!(err, EmuError::Launch(_)), "unexpected: {err}");
 }
+
+/// Mistral-7B's shapes at a serving batch (32 rows over 16 INT2 g128
+/// experts with 1% salient channels), both kernel families. Minutes here, so
+/// ignored by default: `cargo test --test emu_gemv -- --ignored`.
+#[test]
+#[ignore]
+fn emulated_gemv_at_mistral_shapes() {
+    let mut rng = StdRng::seed_from_u64(53);
+    for (out, inf) in [
+        (4096usize, 4096usize),
+        (1024, 4096),
+        (14336, 4096),
+        (4096, 14336),
+    ] {
+        let layout = DeltaLayout::new(out, inf, Bits::Two, 128, inf / 100).expect("layout");
+        let mut case = Case::random(&mut rng, out, inf, Bits::Two, 128, 0, 32, RowMix::Random);
+        case.experts = (0..16).map(|_| random_delta(&mut rng, layout)).collect();
+        case.rows = (0..32u32).map(|b| Some(b % 16)).collect();
+        let start = std::time::Instant::now();
+        check_both(&case);
+        eprintln!(
+            "{out}x{inf}: both kernels, fused and delta-only, {:.1?}",
+            start.elapsed()
+        );
+    }
+}

@@ -15,12 +15,58 @@ use cudarc::nvrtc::Ptx;
 
 use crate::error::{DriverContext, OpsError};
 
+/// Modules loaded on their first use instead of by [`Gpu::new`]: the wide
+/// GEMV modules are the largest PTX (their JIT is start-up time every
+/// process would pay), are unverified on a GPU, and run only when a caller
+/// asks for [`crate::GemvKernel::Wide`]; a failure to load them then fails
+/// that call, not the device.
+pub const LAZY_MODULES: &[&str] = &["multi_expert_gemv_wide", "delta_gemv_wide"];
+
+/// cudarc allocates with cuMemAllocAsync from the device's default memory
+/// pool, whose release threshold is 0: at every stream synchronization
+/// (each decode step ends with one, copying its logits) the pool hands its
+/// free memory back to the OS, and the next step's few hundred buffers map
+/// it again. A threshold of "never" keeps it pooled. A device without
+/// memory pools (the driver says so) allocates synchronously and has
+/// nothing to set; the setting only changes speed, so a failure is ignored.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut never: u64 = u64::MAX;
+    // SAFETY: the context is current on this thread (CudaContext::new binds
+    // it); `pool` and `never` are valid for the calls, and the attribute
+    // takes a cuuint64_t.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+        {
+            let _ = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut never as *mut u64).cast(),
+            );
+        }
+    }
+}
+
+fn load(
+    ctx: &Arc<CudaContext>,
+    m: &meswitch_ptx::KernelModule,
+) -> Result<Arc<CudaModule>, OpsError> {
+    ctx.load_module(Ptx::from_src(m.ptx))
+        .map_err(|source| OpsError::ModuleLoad {
+            module: m.name,
+            source,
+        })
+}
+
 /// One CUDA device ready for launches. All work goes to one stream, so the
 /// ops need no cross-stream synchronisation.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    modules: BTreeMap<&'static str, Arc<CudaModule>>,
+    /// Loaded modules. The wide GEMV modules ([`LAZY_MODULES`]) join on
+    /// first use; the others are loaded by [`Gpu::new`].
+    modules: Mutex<BTreeMap<&'static str, Arc<CudaModule>>>,
     /// Entry points already looked up: a decode step launches the same few
     /// kernels thousands of times, and cuModuleGetFunction is host overhead
     /// on every one of them.
@@ -35,7 +81,14 @@ impl std::fmt::Debug for Gpu {
         f.debug_struct("Gpu")
             .field("name", &self.name)
             .field("compute_capability", &self.compute_capability)
-            .field("modules", &self.modules.keys().collect::<Vec<_>>())
+            .field(
+                "modules",
+                &self
+                    .modules
+                    .lock()
+                    .map(|m| m.keys().copied().collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            )
             .field("cublas", &self.blas.is_ok())
             .finish()
     }
@@ -63,7 +116,7 @@ impl Gpu {
     }
 
     /// Opens device `ordinal`, loads every module of `meswitch_ptx::MODULES`
-    /// and creates a cuBLAS handle if libcublas can be found (kernels work
+    /// but the [`LAZY_MODULES`] and creates a cuBLAS handle if libcublas can be found (kernels work
     /// without it; only cuBLAS-backed paths then return [`OpsError::NoBlas`]).
     pub fn new(ordinal: usize) -> Result<Gpu, OpsError> {
         let count = device_count()?;
@@ -92,6 +145,7 @@ impl Gpu {
             .compute_capability()
             .during("reading the compute capability")?;
         let stream = ctx.default_stream();
+        keep_pool_memory(&ctx);
         // SAFETY: event tracking orders a buffer's uses across streams; this
         // crate issues everything (kernels, copies, cuBLAS) on the one default
         // stream, where cudarc never waits on or records those events anyway
@@ -102,13 +156,9 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let mut modules = BTreeMap::new();
         for m in meswitch_ptx::MODULES {
-            let module =
-                ctx.load_module(Ptx::from_src(m.ptx))
-                    .map_err(|source| OpsError::ModuleLoad {
-                        module: m.name,
-                        source,
-                    })?;
-            modules.insert(m.name, module);
+            if !LAZY_MODULES.contains(&m.name) {
+                modules.insert(m.name, load(&ctx, m)?);
+            }
         }
         // SAFETY: only probes whether the shared library can be opened.
         let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -119,7 +169,7 @@ impl Gpu {
         Ok(Gpu {
             ctx,
             stream,
-            modules,
+            modules: Mutex::new(modules),
             functions: Mutex::new(HashMap::new()),
             blas,
             name,
@@ -167,17 +217,27 @@ impl Gpu {
         // probing every module makes failed cuModuleGetFunction calls, which
         // compute-sanitizer reports as API errors.
         let entry = format!(".entry {kernel}(");
+        let missing = || OpsError::MissingKernel {
+            kernel: kernel.to_string(),
+        };
         let owner = meswitch_ptx::MODULES
             .iter()
             .find(|m| m.ptx.contains(&entry))
-            .and_then(|m| self.modules.get(m.name));
-        if let Some(f) = owner.and_then(|module| module.load_function(kernel).ok()) {
-            cache.insert(kernel.to_string(), f.clone());
-            return Ok(f);
-        }
-        Err(OpsError::MissingKernel {
-            kernel: kernel.to_string(),
-        })
+            .ok_or_else(missing)?;
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            match modules.get(owner.name) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = load(&self.ctx, owner)?;
+                    modules.insert(owner.name, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(kernel).map_err(|_| missing())?;
+        cache.insert(kernel.to_string(), f.clone());
+        Ok(f)
     }
 
     /// Waits for all queued work on the stream.
@@ -199,5 +259,15 @@ mod tests {
             Err(e) => assert!(e.is_no_device(), "{e}"),
         }
         assert!(Gpu::new(usize::MAX).unwrap_err().is_no_device());
+    }
+
+    #[test]
+    fn lazy_modules_are_embedded_modules() {
+        for name in LAZY_MODULES {
+            assert!(
+                meswitch_ptx::MODULES.iter().any(|m| m.name == *name),
+                "{name} is not an embedded module"
+            );
+        }
     }
 }
