@@ -58,6 +58,20 @@ cargo bench --no-run --bench decode --message-format=json | executables | while 
   pack "$exe" "$stage/packed/decode/$name.gz"
 done
 
+# The real model for the CPU-vs-CUDA check (cuda_backend's smollm2 test): the full SmolLM2 GGUF
+# (94 MiB, incompressible) does not fit the 64 MiB transfer, so its first 3 layers with the
+# embedding requantized to Q4_1 go instead (scripts/cut_gguf.py; 23 MiB gzipped).
+gguf_full=${MESWITCH_SMOLLM2_GGUF:-.data/SmolLM2-135M-Instruct.Q4_1.gguf}
+if [ -f "$gguf_full" ]; then
+  [ -x .gguf-venv/bin/python ] || { python3 -m venv .gguf-venv && .gguf-venv/bin/pip install -q gguf==0.19.0; }
+  mkdir -p "$stage/packed/data"
+  .gguf-venv/bin/python scripts/cut_gguf.py "$gguf_full" "$stage/packed/smollm2-cut.gguf" 3 --embedding-type Q4_1
+  gzip -9 -c "$stage/packed/smollm2-cut.gguf" > "$stage/packed/data/smollm2-cut.gguf.gz"
+  rm "$stage/packed/smollm2-cut.gguf"
+else
+  echo "no SmolLM2 GGUF at $gguf_full: the real-model CPU-vs-CUDA test will skip on the device" >&2
+fi
+
 cat > "$stage/run_on_gpu.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root:
@@ -99,6 +113,9 @@ export MESWITCH_REQUIRE_GPU=1
 repo=$(cd "$here/.." && pwd)
 if [ -z "${MESWITCH_SMOLLM2_GGUF:-}" ] && [ -f "$repo/.data/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   export MESWITCH_SMOLLM2_GGUF="$repo/.data/SmolLM2-135M-Instruct.Q4_1.gguf"
+elif [ -z "${MESWITCH_SMOLLM2_GGUF:-}" ] && [ -f "$here/data/smollm2-cut.gguf" ]; then
+  # The staged 3-layer cut (gpu_session.sh): a real model small enough to carry.
+  export MESWITCH_SMOLLM2_GGUF="$here/data/smollm2-cut.gguf"
 fi
 PATH="$PATH:/usr/local/cuda/bin"
 
