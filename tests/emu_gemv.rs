@@ -361,18 +361,21 @@ fn emulated_gemv_checks_reject_wrong_work() {
 }
 
 /// Mistral-7B's shapes at a serving batch (32 rows over 16 INT2 g128
-/// experts with 1% salient channels), both kernel families. Minutes here, so
-/// ignored by default: `cargo test --test emu_gemv -- --ignored`.
+/// experts with 1% salient channels), both kernel families, fused and
+/// delta-only. About 15 minutes here for the four shapes (84 s, 21 s, 306 s
+/// for the first three, measured 2026-12-08), so ignored by default:
+/// `cargo test --release --test emu_gemv -- --ignored`; `MESWITCH_EMU_SHAPES`
+/// picks shapes (`OUTxIN,...`).
 #[test]
 #[ignore]
 fn emulated_gemv_at_mistral_shapes() {
     let mut rng = StdRng::seed_from_u64(53);
-    for (out, inf) in [
-        (4096usize, 4096usize),
-        (1024, 4096),
-        (14336, 4096),
-        (4096, 14336),
-    ] {
+    let shapes = std::env::var("MESWITCH_EMU_SHAPES")
+        .unwrap_or_else(|_| "4096x4096,1024x4096,14336x4096,4096x14336".into());
+    for shape in shapes.split(',') {
+        let (out, inf) = shape.split_once('x').expect("shape as OUTxIN");
+        let (out, inf): (usize, usize) =
+            (out.parse().expect("rows"), inf.parse().expect("columns"));
         let layout = DeltaLayout::new(out, inf, Bits::Two, 128, inf / 100).expect("layout");
         let mut case = Case::random(&mut rng, out, inf, Bits::Two, 128, 0, 32, RowMix::Random);
         case.experts = (0..16).map(|_| random_delta(&mut rng, layout)).collect();

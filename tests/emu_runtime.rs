@@ -9,6 +9,68 @@ use meswitch_ptx::abi;
 use meswitch_ptx::emu::{self, EmuError, Region};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+/// The FP16 conversions every emulated kernel uses are IEEE's: widening is
+/// exact for all 65536 patterns; rounding is to nearest even, checked
+/// against `half`'s f32 → f16 (single rounding) on random f32 values of
+/// every magnitude, and from first principles just off every tie: a double
+/// one part in 2³² above (below) the midpoint of two neighbouring halves
+/// must round to the upper (lower) one, where rounding through f32 first
+/// would land on the tie and go to the even one. (`half`'s f64 → f16 is not
+/// used: with F16C it rounds through f32.)
+#[test]
+fn fp16_conversions_are_ieee() {
+    for h in 0..=u16::MAX {
+        let (got, want) = (emu::half_bits_to_f32(h), f16::from_bits(h).to_f32());
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "{h:#06x}: {got} vs {want}"
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(9);
+    let check = |v: f32| {
+        let (got, want) = (
+            emu::half_bits_from_f64(f64::from(v)),
+            f16::from_f32(v).to_bits(),
+        );
+        assert_eq!(got, want, "{v:e}: {got:#06x} vs {want:#06x}");
+    };
+    for _ in 0..200_000 {
+        let v = rng.random_range(-1.0f32..1.0) * 2f32.powi(rng.random_range(-30..18));
+        check(v);
+    }
+    const OFF_TIE: f64 = 1.0 / 4_294_967_296.0;
+    for h in 0..0x7BFFu16 {
+        let (a, b) = (f16::from_bits(h).to_f64(), f16::from_bits(h + 1).to_f64());
+        let mid = (a + b) / 2.0; // exact: 12 significant bits
+        check(mid as f32); // the tie itself: to the even one
+        let step = (b - a) * OFF_TIE;
+        assert_eq!(
+            emu::half_bits_from_f64(mid + step),
+            h + 1,
+            "just above {mid:e}"
+        );
+        assert_eq!(emu::half_bits_from_f64(mid - step), h, "just below {mid:e}");
+        assert_eq!(emu::half_bits_from_f64(-(mid + step)), 0x8000 | (h + 1));
+    }
+    for v in [
+        0.0f32,
+        -0.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        f32::MAX,
+        f32::INFINITY,
+        1e-8,
+        3e-8,
+        1e-45,
+    ] {
+        check(v);
+        check(-v);
+    }
+    assert_eq!(emu::half_bits_from_f64(1e300), 0x7C00);
+    assert_eq!(emu::half_bits_from_f64(f64::NAN) & 0x7E00, 0x7E00);
+}
+
 const M: usize = 16;
 const N: usize = 8;
 const K: usize = 16;

@@ -63,3 +63,7 @@ MESWITCH_EMU_MODULE(selftest, MESWITCH_EMU_ENTRY(meswitch_emu_selftest_mma),
                     MESWITCH_EMU_ENTRY(meswitch_emu_selftest_split_warp),
                     MESWITCH_EMU_ENTRY(meswitch_emu_selftest_shuffle_without_lane),
                     MESWITCH_EMU_ENTRY(meswitch_emu_selftest_load))
+
+// The emulation's FP16 conversions, for tests against the `half` crate.
+extern "C" uint16_t meswitch_emu_half_from_f64(double v) { return meswitch_emu::half_bits_from_double(v); }
+extern "C" float meswitch_emu_half_to_f32(uint16_t h) { return meswitch_emu::half_bits_to_float(h); }

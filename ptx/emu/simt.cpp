@@ -3,8 +3,8 @@
 //
 // One block at a time, on the launching thread:
 //
-//   scheduler ──swap──> fiber 0 ──(barrier / warp op / return)──> scheduler
-//             ──swap──> fiber 1 ...                                   (sweep)
+//   scheduler ──switch──> fiber 0 ──(barrier / warp op / return)──> scheduler
+//             ──switch──> fiber 1 ...                                 (sweep)
 //
 // The scheduler sweeps over the block's fibers and resumes each runnable one
 // until it yields. A sweep that resumes nothing while some fiber has not
@@ -40,11 +40,94 @@ constexpr uint32_t MAX_BLOCK_THREADS = 1024;
 // mma.m16n8k16 operand shapes.
 constexpr int MMA_M = 16, MMA_N = 8, MMA_K = 16;
 
+// ---- fiber contexts -------------------------------------------------------------
+//
+// On x86-64 a switch saves the callee-saved registers, MXCSR and the x87
+// control word on the current stack and swaps stack pointers: no system
+// call (glibc's swapcontext also saves the signal mask, one syscall per
+// switch, and a warp collective costs 64 switches). Elsewhere, ucontext.
+//
+// A new fiber's stack is laid out as if the switch had saved it, with the
+// return address pointing at the fiber's entry function:
+//
+//   top (16-aligned) | pad | entry | rbp rbx r12 r13 r14 r15 = 0 | mxcsr, fpu cw | <- sp
+//
+// so the first switch into it "returns" into the entry with the stack
+// aligned as after a call. The entry never returns; it switches away.
+#if defined(__x86_64__)
+struct Context {
+    void* sp;
+};
+
+extern "C" void meswitch_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .globl meswitch_emu_switch
+    .type meswitch_emu_switch, @function
+meswitch_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size meswitch_emu_switch, .-meswitch_emu_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+
+// Power-on values: all FP exceptions masked, round to nearest (MXCSR
+// 0x1F80); x87 extended precision, exceptions masked (0x037F).
+constexpr uint64_t INITIAL_MXCSR = 0x1F80, INITIAL_FPU_CW = 0x037F;
+constexpr int SAVED_REGISTERS = 6;
+
+void context_switch(Context& from, Context& to) { meswitch_emu_switch(&from.sp, to.sp); }
+
+void context_start(Context& c, char* stack, size_t bytes, void (*entry)()) {
+    uint64_t* sp = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15});
+    *--sp = 0;  // pad: the entry's return-address slot lands on a 16-byte boundary
+    *--sp = reinterpret_cast<uint64_t>(entry);
+    for (int i = 0; i < SAVED_REGISTERS; ++i) *--sp = 0;
+    *--sp = (INITIAL_FPU_CW << 32) | INITIAL_MXCSR;
+    c.sp = sp;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+
+void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+
+void context_start(Context& c, char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;  // the entry never returns
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
 enum class State { Runnable, AtBarrier, AtWarp, Done };
 enum class WarpOp { None, Shfl, Mma };
 
 struct Fiber {
-    ucontext_t ctx;
+    Context ctx;
     State state;
 };
 
@@ -77,7 +160,7 @@ struct Block {
     std::vector<Fiber> fibers;
     std::vector<WarpSlot> warps;
     char* stacks;
-    ucontext_t scheduler;
+    Context scheduler;
     uint32_t current;
     uint32_t at_barrier;
     uint32_t done;
@@ -104,7 +187,7 @@ void record_error(const std::string& what) {
 
 void yield_to_scheduler() {
     Block& b = *t_block;
-    swapcontext(&b.fibers[b.current].ctx, &b.scheduler);
+    context_switch(b.fibers[b.current].ctx, b.scheduler);
 }
 
 // A protocol error: the fiber stops here for good and the block is abandoned.
@@ -238,7 +321,14 @@ void fiber_main() {
         after.abort = true;
     }
     release_barrier_if_complete(after);
-    // Returning resumes uc_link, the scheduler.
+}
+
+// A fiber's first frame: runs the kernel, then leaves for good (a finished
+// fiber is never resumed).
+void fiber_entry() {
+    fiber_main();
+    yield_to_scheduler();
+    abort();
 }
 
 std::string describe_deadlock(const Block& b) {
@@ -263,11 +353,7 @@ void run_block(Block& b, dim3 block_index) {
     for (WarpSlot& s : b.warps) s.arrived = 0;
     for (uint32_t i = 0; i < b.n_threads; ++i) {
         Fiber& f = b.fibers[i];
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = b.stacks + (size_t)i * FIBER_STACK_BYTES;
-        f.ctx.uc_stack.ss_size = FIBER_STACK_BYTES;
-        f.ctx.uc_link = &b.scheduler;
-        makecontext(&f.ctx, fiber_main, 0);
+        context_start(f.ctx, b.stacks + (size_t)i * FIBER_STACK_BYTES, FIBER_STACK_BYTES, fiber_entry);
         f.state = State::Runnable;
     }
     while (b.done < b.n_threads && !b.abort) {
@@ -276,7 +362,7 @@ void run_block(Block& b, dim3 block_index) {
             if (b.fibers[i].state != State::Runnable) continue;
             b.current = i;
             threadIdx = dim3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
-            swapcontext(&b.scheduler, &b.fibers[i].ctx);
+            context_switch(b.scheduler, b.fibers[i].ctx);
             resumed = true;
         }
         if (!resumed && b.done < b.n_threads && !b.abort) {

@@ -108,6 +108,24 @@ extern "C" {
 
 const ERROR_BYTES: usize = 512;
 
+extern "C" {
+    fn meswitch_emu_half_from_f64(v: f64) -> u16;
+    fn meswitch_emu_half_to_f32(h: u16) -> f32;
+}
+
+/// The emulation's binary16 rounding (round to nearest even) of `v`, as bits:
+/// what `__float2half_rn` and `__hfma2` give in the emulated kernels.
+pub fn half_bits_from_f64(v: f64) -> u16 {
+    // SAFETY: a pure function of its argument.
+    unsafe { meswitch_emu_half_from_f64(v) }
+}
+
+/// The emulation's binary16 → f32 widening (`__half2float`).
+pub fn half_bits_to_f32(h: u16) -> f32 {
+    // SAFETY: a pure function of its argument.
+    unsafe { meswitch_emu_half_to_f32(h) }
+}
+
 /// Runs `entry` over `grid` × `block` threads with `params`, one block after
 /// another on the calling thread (launches from several threads take turns:
 /// shared memory is one static per kernel). Returns when every block has
