@@ -362,8 +362,8 @@ fn emulated_gemv_checks_reject_wrong_work() {
 
 /// Mistral-7B's shapes at a serving batch (32 rows over 16 INT2 g128
 /// experts with 1% salient channels), both kernel families, fused and
-/// delta-only. About 15 minutes here for the four shapes (84 s, 21 s, 306 s
-/// for the first three, measured 2026-12-08), so ignored by default:
+/// delta-only. About 12 minutes here for the four shapes (84 s, 21 s, 306 s,
+/// 329 s, measured 2026-12-08), so ignored by default:
 /// `cargo test --release --test emu_gemv -- --ignored`; `MESWITCH_EMU_SHAPES`
 /// picks shapes (`OUTxIN,...`).
 #[test]
