@@ -252,17 +252,7 @@ proptest! {
     ) {
         let mut rng = StdRng::seed_from_u64(seed);
         let case = Case::random(&mut rng, out_features, in_features, bits, group, 1, 1, RowMix::Random);
-        let got = emu_dequantize(&case, with_base);
-        let mut want = vec![f16::ZERO; got.len()];
-        let base_view = case.base();
-        reference::dequantize_f16(&case.experts[0].view(), with_base.then_some(&base_view), &mut want).unwrap();
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            prop_assert!(
-                g.to_bits() == w.to_bits(),
-                "dequantize[{}, {}] = {} (bits {:#06x}), reference {} (bits {:#06x}), base: {}",
-                i / in_features, i % in_features, g, g.to_bits(), w, w.to_bits(), with_base
-            );
-        }
+        assert_dequantize_exact(&case, with_base, &emu_dequantize(&case, with_base));
     }
 }
 

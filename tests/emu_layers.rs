@@ -307,26 +307,12 @@ proptest! {
     }
 }
 
-/// `gpu_layers.rs`'s named attention steps: the smallest head with a window
-/// of one, the largest head under GQA 8 beside a long history, a window
-/// that cuts two sequences.
+/// `gpu_layers.rs`'s named attention steps (`layer_support::named_steps`).
 #[test]
 fn emulated_attention_edge_cases() {
-    let one = |head_dim, n_kv_heads, group, window, sequences, seed| StepCase {
-        shape: AttnShape {
-            n_heads: n_kv_heads * group,
-            n_kv_heads,
-            head_dim,
-            sliding_window: window,
-        },
-        sequences,
-        n_layers: 2,
-        layer: 1,
-        seed,
-    };
-    check_step(&one(2, 1, 1, Some(1), vec![(0, 1, 0)], 1));
-    check_step(&one(256, 1, 8, None, vec![(300, 1, 0), (0, 37, 3)], 2));
-    check_step(&one(64, 3, 3, Some(5), vec![(7, 2, 1), (4, 1, 0)], 3));
+    for case in named_steps() {
+        check_step(&case);
+    }
 }
 
 /// What the kernels do with inputs the launcher rejects (never reached in

@@ -210,20 +210,7 @@ proptest! {
         let (base, experts) = upload_case(gpu, &case);
         let mut out = ops::upload(gpu, &vec![POISON; out_features * in_features]).unwrap();
         ops::dequantize_device(gpu, &experts[0], with_base.then_some(&base), &mut out).unwrap();
-        let got = download(gpu, &out);
-        let mut want = vec![f16::ZERO; got.len()];
-        let base_view = case.base();
-        reference::dequantize_f16(&case.experts[0].view(), with_base.then_some(&base_view), &mut want).unwrap();
-        // The header promises bit-identity for this kernel (same f32
-        // operations in the same order, no FMA contraction, one FP16
-        // rounding), so the test holds it to exactly that.
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            prop_assert!(
-                g.to_bits() == w.to_bits(),
-                "dequantize[{}, {}] = {} (bits {:#06x}), reference {} (bits {:#06x}), base: {}",
-                i / in_features, i % in_features, g, g.to_bits(), w, w.to_bits(), with_base
-            );
-        }
+        assert_dequantize_exact(&case, with_base, &download(gpu, &out));
     }
 }
 

@@ -192,25 +192,9 @@ fn host_attention_at_the_window_edge() {
 #[test]
 fn named_layer_edge_cases() {
     let Some(gpu) = gpu_or_skip() else { return };
-    let one =
-        |head_dim, n_kv_heads, group, window, seqs: Vec<(usize, usize, usize)>, seed| StepCase {
-            shape: AttnShape {
-                n_heads: n_kv_heads * group,
-                n_kv_heads,
-                head_dim,
-                sliding_window: window,
-            },
-            sequences: seqs,
-            n_layers: 2,
-            layer: 1,
-            seed,
-        };
-    // One row at position 0, the smallest head; window 1 (only itself).
-    check_step(gpu, &one(2, 1, 1, Some(1), vec![(0, 1, 0)], 1));
-    // Largest head, GQA 8, a decode row next to a long prefill.
-    check_step(gpu, &one(256, 1, 8, None, vec![(300, 1, 0), (0, 37, 3)], 2));
-    // SmolLM2-like head (64, 9 heads over 3 KV heads), window cutting both.
-    check_step(gpu, &one(64, 3, 3, Some(5), vec![(7, 2, 1), (4, 1, 0)], 3));
+    for case in named_steps() {
+        check_step(gpu, &case);
+    }
 
     // Growing keeps every layer's contents.
     let mut cache = DeviceKv::new(gpu, 2, 4, 3).unwrap();

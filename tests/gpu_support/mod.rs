@@ -315,6 +315,31 @@ impl Case {
     }
 }
 
+/// The dequantize kernel's output for the case's first expert: bit-identical
+/// to the reference, as the header promises (same f32 operations in the same
+/// order, no FMA contraction, one FP16 rounding).
+pub fn assert_dequantize_exact(case: &Case, with_base: bool, got: &[f16]) {
+    let mut want = vec![f16::ZERO; got.len()];
+    let base_view = case.base();
+    reference::dequantize_f16(
+        &case.experts[0].view(),
+        with_base.then_some(&base_view),
+        &mut want,
+    )
+    .unwrap();
+    let n = case.in_features;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits(),
+            "dequantize[{}, {}] = {g} (bits {:#06x}), reference {w} (bits {:#06x}), base: {with_base}",
+            i / n,
+            i % n,
+            g.to_bits(),
+            w.to_bits(),
+        );
+    }
+}
+
 /// Adds `|offset| + |scale|·q + |s|` of row `r` of a delta to `a`.
 pub fn expert_magnitude_row(d: &DeltaView, r: usize, a: &mut [f64]) {
     let l = &d.layout;

@@ -98,6 +98,31 @@ pub fn step_case() -> impl Strategy<Value = StepCase> {
         )
 }
 
+/// The named attention steps (also what compute-sanitizer runs on a
+/// device): one row at position 0 with the smallest head and a window of
+/// one (only itself); the largest head under GQA 8, a decode row beside a
+/// long prefill; a SmolLM2-like head (64, 9 heads over 3 KV heads) with a
+/// window cutting both sequences.
+pub fn named_steps() -> Vec<StepCase> {
+    let step = |head_dim, n_kv_heads, group, sliding_window, sequences, seed| StepCase {
+        shape: AttnShape {
+            n_heads: n_kv_heads * group,
+            n_kv_heads,
+            head_dim,
+            sliding_window,
+        },
+        sequences,
+        n_layers: 2,
+        layer: 1,
+        seed,
+    };
+    vec![
+        step(2, 1, 1, Some(1), vec![(0, 1, 0)], 1),
+        step(256, 1, 8, None, vec![(300, 1, 0), (0, 37, 3)], 2),
+        step(64, 3, 3, Some(5), vec![(7, 2, 1), (4, 1, 0)], 3),
+    ]
+}
+
 pub struct SeqData {
     pub keys: Vec<f16>,
     pub values: Vec<f16>,
