@@ -27,26 +27,24 @@ fn main() {
 /// sources compiled unchanged as C++ against emu/include/cuda_fp16.h, one
 /// translation unit per module as NVRTC compiles one program per .cu.
 fn build_emulation() {
-    const MODULES: &[&str] = &[
-        "multi_expert_gemv",
-        "delta_gemv",
-        "multi_expert_gemv_wide",
-        "delta_gemv_wide",
-        "dequantize",
-        "norm",
-        "rope",
-        "activation",
-        "attention",
-        // Kernels that test the emulation itself (tests/emu_runtime.rs).
-        "selftest",
-    ];
+    // Every emu/module_*.cpp (the registry in emu/simt.h names the same set).
+    let mut modules: Vec<_> = std::fs::read_dir("emu")
+        .expect("ptx/emu")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("module_") && n.ends_with(".cpp"))
+        })
+        .collect();
+    modules.sort();
     println!("cargo:rerun-if-changed=emu");
     println!("cargo:rerun-if-changed=kernels");
     let mut build = cc::Build::new();
     build
         .cpp(true)
         .file("emu/simt.cpp")
-        .files(MODULES.iter().map(|m| format!("emu/module_{m}.cpp")))
+        .files(&modules)
         // emu/include first: its cuda_fp16.h stands in for CUDA's.
         .include("emu/include")
         .include("emu")

@@ -56,8 +56,8 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, rows: usize) -> Vec<f16> {
     y
 }
 
-/// RoPE in place with the host-built tables of `max_positions` positions
-/// (the reference's `rope_angles`, as `ops::layers::RopeTable` builds them).
+/// RoPE in place with the tables of `max_positions` positions that
+/// `ops::layers::RopeTable` uploads (the reference's `rope_tables`).
 fn rope(
     x: &mut [f16],
     head_dim: usize,
@@ -66,13 +66,7 @@ fn rope(
     theta: f64,
     max_positions: usize,
 ) {
-    let inv_freq = cpu::rope_inv_freq(head_dim, theta);
-    let (mut cos, mut sin) = (Vec::new(), Vec::new());
-    for pos in 0..max_positions {
-        let (c, s) = cpu::rope_angles(pos, &inv_freq);
-        cos.extend(c);
-        sin.extend(s);
-    }
+    let (cos, sin) = cpu::rope_tables(head_dim, theta, max_positions);
     let p = abi::MeswitchRopeParams {
         x: emu::addr_mut(x),
         positions: emu::addr(positions),
@@ -194,10 +188,8 @@ fn attention(s: AttnShape, layer: usize, q: &[f16], rows: &[abi::MeswitchAttnRow
         n_kv_heads: s.n_kv_heads as u32,
         head_dim: s.head_dim as u32,
         layer: layer as u32,
-        sliding_window: s
-            .sliding_window
-            .map_or(abi::MESWITCH_NO_WINDOW, |w| w as u32),
-        scale: 1.0 / (s.head_dim as f32).sqrt(),
+        sliding_window: meswitch_ptx::attention_window(s.sliding_window),
+        scale: meswitch_ptx::attention_scale(s.head_dim),
         reserved: 0,
     };
     let grid = (

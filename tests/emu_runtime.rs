@@ -232,6 +232,25 @@ fn checked_loads_need_alignment_and_a_declared_buffer() {
     assert!(m.contains("outside every buffer"), "{m}");
 }
 
+/// Every entry point the GPU modules define (their PTX's `.entry` lines)
+/// can run in the emulation: no module or variant is missing from it.
+#[test]
+fn every_ptx_entry_point_is_emulated() {
+    let mut n = 0;
+    for m in meswitch_ptx::MODULES {
+        for line in m.ptx.lines() {
+            if let Some(rest) = line.trim_start().strip_prefix(".visible .entry ") {
+                let name = rest.split('(').next().expect("entry name");
+                assert!(emu::has_entry(name), "{}: {name} is not emulated", m.name);
+                n += 1;
+            }
+        }
+    }
+    // 4 GEMV modules x 3 bits x 4 groups x 4 tile counts, 3 dequantize, 7 layer kernels.
+    assert_eq!(n, 4 * 3 * 4 * 4 + 3 + 7, "entry points found in the PTX");
+    assert!(!emu::has_entry("meswitch_no_such_kernel"));
+}
+
 #[test]
 fn bad_launches_are_refused() {
     let p = params(0, 0, 0);

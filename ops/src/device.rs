@@ -59,18 +59,23 @@ fn load(
         })
 }
 
+struct Loaded {
+    /// The wide GEMV modules ([`LAZY_MODULES`]) join on first use; the
+    /// others are loaded by [`Gpu::new`].
+    modules: BTreeMap<&'static str, Arc<CudaModule>>,
+    /// Entry points already looked up: a decode step launches the same few
+    /// kernels thousands of times, and cuModuleGetFunction is host overhead
+    /// on every one of them.
+    functions: HashMap<String, CudaFunction>,
+}
+
 /// One CUDA device ready for launches. All work goes to one stream, so the
 /// ops need no cross-stream synchronisation.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    /// Loaded modules. The wide GEMV modules ([`LAZY_MODULES`]) join on
-    /// first use; the others are loaded by [`Gpu::new`].
-    modules: Mutex<BTreeMap<&'static str, Arc<CudaModule>>>,
-    /// Entry points already looked up: a decode step launches the same few
-    /// kernels thousands of times, and cuModuleGetFunction is host overhead
-    /// on every one of them.
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Loaded modules and the entry points looked up in them, behind one lock.
+    loaded: Mutex<Loaded>,
     blas: Result<CudaBlas, String>,
     name: String,
     compute_capability: (i32, i32),
@@ -84,9 +89,9 @@ impl std::fmt::Debug for Gpu {
             .field(
                 "modules",
                 &self
-                    .modules
+                    .loaded
                     .lock()
-                    .map(|m| m.keys().copied().collect::<Vec<_>>())
+                    .map(|l| l.modules.keys().copied().collect::<Vec<_>>())
                     .unwrap_or_default(),
             )
             .field("cublas", &self.blas.is_ok())
@@ -116,8 +121,9 @@ impl Gpu {
     }
 
     /// Opens device `ordinal`, loads every module of `meswitch_ptx::MODULES`
-    /// but the [`LAZY_MODULES`] and creates a cuBLAS handle if libcublas can be found (kernels work
-    /// without it; only cuBLAS-backed paths then return [`OpsError::NoBlas`]).
+    /// but the [`LAZY_MODULES`] and creates a cuBLAS handle if libcublas can
+    /// be found (kernels work without it; only cuBLAS-backed paths then
+    /// return [`OpsError::NoBlas`]).
     pub fn new(ordinal: usize) -> Result<Gpu, OpsError> {
         let count = device_count()?;
         if ordinal >= count {
@@ -169,8 +175,10 @@ impl Gpu {
         Ok(Gpu {
             ctx,
             stream,
-            modules: Mutex::new(modules),
-            functions: Mutex::new(HashMap::new()),
+            loaded: Mutex::new(Loaded {
+                modules,
+                functions: HashMap::new(),
+            }),
             blas,
             name,
             compute_capability,
@@ -209,8 +217,8 @@ impl Gpu {
     pub fn function(&self, kernel: &str) -> Result<CudaFunction, OpsError> {
         // A poisoned lock only means another thread panicked mid-insert; the
         // map itself is still a valid cache.
-        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = cache.get(kernel) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = loaded.functions.get(kernel) {
             return Ok(f.clone());
         }
         // Ask the driver only of the module whose PTX declares the entry:
@@ -224,19 +232,16 @@ impl Gpu {
             .iter()
             .find(|m| m.ptx.contains(&entry))
             .ok_or_else(missing)?;
-        let module = {
-            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-            match modules.get(owner.name) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = load(&self.ctx, owner)?;
-                    modules.insert(owner.name, m.clone());
-                    m
-                }
+        let module = match loaded.modules.get(owner.name) {
+            Some(m) => m.clone(),
+            None => {
+                let m = load(&self.ctx, owner)?;
+                loaded.modules.insert(owner.name, m.clone());
+                m
             }
         };
         let f = module.load_function(kernel).map_err(|_| missing())?;
-        cache.insert(kernel.to_string(), f.clone());
+        loaded.functions.insert(kernel.to_string(), f.clone());
         Ok(f)
     }
 

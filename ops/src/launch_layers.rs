@@ -235,12 +235,8 @@ pub(crate) fn attention(
         n_kv_heads: u32_of("n_kv_heads", s.n_kv_heads)?,
         head_dim: u32_of("head_dim", s.head_dim)?,
         layer: u32_of("layer", layer)?,
-        sliding_window: match s.sliding_window {
-            // A window wider than u32 positions is no window at all.
-            Some(w) => u32::try_from(w).unwrap_or(abi::MESWITCH_NO_WINDOW),
-            None => abi::MESWITCH_NO_WINDOW,
-        },
-        scale: 1.0 / (s.head_dim as f32).sqrt(),
+        sliding_window: meswitch_ptx::attention_window(s.sliding_window),
+        scale: meswitch_ptx::attention_scale(s.head_dim),
         reserved: 0,
     };
     let cfg = LaunchConfig {

@@ -17,7 +17,7 @@
 
 use cudarc::driver::CudaSlice;
 use half::f16;
-use meswitch_reference::layers::{rope_angles, rope_inv_freq, AttnShape};
+use meswitch_reference::layers::{rope_tables, AttnShape};
 use meswitch_reference::ShapeError;
 use thiserror::Error;
 
@@ -159,7 +159,7 @@ pub fn embed_device(
 
 /// RoPE's cos/sin for positions `0..max_positions`, each `[max_positions,
 /// head_dim/2]` f32 on the device, filled on the host by the reference's
-/// [`rope_angles`] (angles in f64, one rounding to f32): the GPU rotates by
+/// [`rope_tables`] (angles in f64, one rounding to f32): the GPU rotates by
 /// exactly the CPU's cos/sin.
 pub struct RopeTable {
     cos: CudaSlice<f32>,
@@ -183,15 +183,7 @@ impl RopeTable {
             return Err(LayerError::Empty("max_positions").into());
         }
         u32_of("max_positions", max_positions)?;
-        let inv_freq = rope_inv_freq(head_dim, theta);
-        let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for pos in 0..max_positions {
-            let (c, s) = rope_angles(pos, &inv_freq);
-            cos.extend(c);
-            sin.extend(s);
-        }
+        let (cos, sin) = rope_tables(head_dim, theta, max_positions);
         Ok(RopeTable {
             cos: upload(gpu, &cos)?,
             sin: upload(gpu, &sin)?,

@@ -12,15 +12,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <math.h>
-#include <ucontext.h>
-
-#include <atomic>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "half_bits.h"
 #include "simt.h"
 
 thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -108,6 +106,8 @@ void context_start(Context& c, char* stack, size_t bytes, void (*entry)()) {
     c.sp = sp;
 }
 #else
+#include <ucontext.h>
+
 struct Context {
     ucontext_t uc;
 };
@@ -124,7 +124,7 @@ void context_start(Context& c, char* stack, size_t bytes, void (*entry)()) {
 #endif
 
 enum class State { Runnable, AtBarrier, AtWarp, Done };
-enum class WarpOp { None, Shfl, Mma };
+enum class WarpOp { Shfl, Mma };
 
 struct Fiber {
     Context ctx;
@@ -137,7 +137,6 @@ struct Fiber {
 struct WarpSlot {
     WarpOp op;
     uint32_t arrived;
-    uint32_t mask;
     int lane_mask;
     uint32_t in[WARP_LANES][6];
     float acc[WARP_LANES][4];
@@ -145,13 +144,12 @@ struct WarpSlot {
     float out[WARP_LANES][4];
 };
 
+// One launch (they run one at a time, on the launching thread).
 struct Launch {
     const Entry* entry;
     const void* params;
     std::vector<std::pair<uintptr_t, size_t>> regions;  // buffers + module statics
-    std::atomic<bool> failed{false};
-    std::mutex error_mutex;
-    std::string error;
+    std::string error;                                  // the first, if any
 };
 
 struct Block {
@@ -173,7 +171,6 @@ thread_local Launch* t_launch = nullptr;
 void record_error(const std::string& what) {
     Launch* l = t_launch;
     if (!l) return;
-    std::lock_guard<std::mutex> guard(l->error_mutex);
     if (l->error.empty()) {
         char where[160] = "";
         if (t_block) {
@@ -182,7 +179,6 @@ void record_error(const std::string& what) {
         }
         l->error = std::string(where) + what;
     }
-    l->failed.store(true);
 }
 
 void yield_to_scheduler() {
@@ -207,26 +203,8 @@ void release_barrier_if_complete(Block& b) {
     b.at_barrier = 0;
 }
 
-// IEEE binary16 -> f32 (exact).
-float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-    float v;
-    if (exp == 0) {
-        v = ldexpf((float)man, -24);
-    } else if (exp == 31) {
-        v = man ? NAN : INFINITY;
-    } else {
-        v = ldexpf((float)(man | 0x400u), (int)exp - 25);
-    }
-    uint32_t bits;
-    memcpy(&bits, &v, 4);
-    bits |= sign;
-    memcpy(&v, &bits, 4);
-    return v;
-}
-
-float lo_half(uint32_t r) { return half_to_float((uint16_t)(r & 0xFFFFu)); }
-float hi_half(uint32_t r) { return half_to_float((uint16_t)(r >> 16)); }
+float lo_half(uint32_t r) { return meswitch_emu::half_bits_to_float((uint16_t)(r & 0xFFFFu)); }
+float hi_half(uint32_t r) { return meswitch_emu::half_bits_to_float((uint16_t)(r >> 16)); }
 
 void compute_mma(WarpSlot& s) {
     double A[MMA_M][MMA_K], B[MMA_K][MMA_N], C[MMA_M][MMA_N];
@@ -287,7 +265,6 @@ WarpSlot& arrive(WarpOp op, uint32_t mask, int lane_mask, const uint32_t in[6], 
     }
     if (s.arrived == 0) {
         s.op = op;
-        s.mask = mask;
         s.lane_mask = lane_mask;
     } else if (s.op != op || s.lane_mask != lane_mask) {
         abort_block("lanes of one warp at different warp collectives (divergent shuffle or mma)");
@@ -372,8 +349,8 @@ void run_block(Block& b, dim3 block_index) {
     }
 }
 
-void run_worker(Launch* launch, dim3 grid, dim3 block, std::atomic<uint64_t>* next_block) {
-    t_launch = launch;
+// Runs every block of the grid in order, stopping at the first error.
+void run_grid(Launch* launch, dim3 grid, dim3 block) {
     gridDim = grid;
     blockDim = block;
     Block b;
@@ -381,19 +358,16 @@ void run_worker(Launch* launch, dim3 grid, dim3 block, std::atomic<uint64_t>* ne
     b.n_threads = block.x * block.y * block.z;
     b.fibers.resize(b.n_threads);
     b.warps.resize((b.n_threads + WARP_LANES - 1) / WARP_LANES);
-    b.stacks = static_cast<char*>(malloc((size_t)b.n_threads * FIBER_STACK_BYTES));
-    if (!b.stacks) {
-        record_error("out of memory for fiber stacks");
-        return;
-    }
+    // Not zeroed: a fiber's stack is written before it is read.
+    const std::unique_ptr<char[]> stacks(new char[(size_t)b.n_threads * FIBER_STACK_BYTES]);
+    b.stacks = stacks.get();
     t_block = &b;
-    const uint64_t total = (uint64_t)grid.x * grid.y * grid.z;
-    for (uint64_t k = next_block->fetch_add(1); k < total && !launch->failed.load(); k = next_block->fetch_add(1)) {
-        const dim3 idx{(uint32_t)(k % grid.x), (uint32_t)((k / grid.x) % grid.y), (uint32_t)(k / ((uint64_t)grid.x * grid.y))};
-        run_block(b, idx);
+    for (uint32_t z = 0; z < grid.z; ++z) {
+        for (uint32_t y = 0; y < grid.y; ++y) {
+            for (uint32_t x = 0; x < grid.x && launch->error.empty(); ++x) run_block(b, dim3{x, y, z});
+        }
     }
     t_block = nullptr;
-    free(b.stacks);
 }
 
 const std::unordered_map<std::string, std::pair<Entry, StaticData>>& registry() {
@@ -460,9 +434,10 @@ bool check_load(const void* p, size_t bytes) {
     return true;
 }
 
-void fail(const char* what) { record_error(what); }
-
 }  // namespace meswitch_emu
+
+// 1 when the emulation has an entry point of that name.
+extern "C" int meswitch_emu_has_entry(const char* entry) { return registry().count(entry) ? 1 : 0; }
 
 // Runs kernel `entry` over grid x block with `params` (param_size bytes, which
 // must be the entry's param struct size). `regions` holds n_regions (address,
@@ -498,12 +473,12 @@ extern "C" int meswitch_emu_launch(const char* entry, const uint32_t grid[3], co
     const dim3 g{grid[0], grid[1], grid[2]}, bl{block[0], block[1], block[2]};
     // Shared memory is one static per kernel (cuda_fp16.h): one block at a
     // time in the process, whichever thread launches.
-    static std::mutex one_block_at_a_time;
-    std::lock_guard<std::mutex> serial(one_block_at_a_time);
-    std::atomic<uint64_t> next{0};
-    run_worker(&launch, g, bl, &next);
+    static std::mutex one_launch_at_a_time;
+    std::lock_guard<std::mutex> serial(one_launch_at_a_time);
+    t_launch = &launch;
+    run_grid(&launch, g, bl);
     t_launch = nullptr;
-    if (launch.failed.load()) {
+    if (!launch.error.empty()) {
         copy_message(err, err_len, launch.error);
         return 2;
     }

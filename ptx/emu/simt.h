@@ -61,9 +61,6 @@ void mma_16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, u
 // the launch's error and the load returns zeros.
 bool check_load(const void* p, size_t bytes);
 
-// Records the launch's first error (the fiber goes on; the launch fails).
-void fail(const char* what);
-
 // One kernel entry point of a module: its name, the size of its param
 // struct, and a thunk that calls it with the params.
 struct Entry {

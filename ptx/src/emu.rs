@@ -50,7 +50,9 @@ pub fn addr_mut<T>(s: &mut [T]) -> u64 {
     s.as_mut_ptr() as u64
 }
 
-/// Memory the kernel may read through its checked loads.
+/// Memory the kernel may read through its checked loads. `repr(C)`: a slice
+/// of regions is the (address, length) pairs `meswitch_emu_launch` reads.
+#[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Region {
     addr: u64,
@@ -104,13 +106,20 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
+    fn meswitch_emu_has_entry(entry: *const c_char) -> i32;
+    fn meswitch_emu_half_from_f64(v: f64) -> u16;
+    fn meswitch_emu_half_to_f32(h: u16) -> f32;
 }
 
 const ERROR_BYTES: usize = 512;
 
-extern "C" {
-    fn meswitch_emu_half_from_f64(v: f64) -> u16;
-    fn meswitch_emu_half_to_f32(h: u16) -> f32;
+/// True when the emulation can run the entry point `entry`.
+pub fn has_entry(entry: &str) -> bool {
+    let Ok(name) = CString::new(entry) else {
+        return false;
+    };
+    // SAFETY: `name` is a valid C string for the call.
+    unsafe { meswitch_emu_has_entry(name.as_ptr()) != 0 }
 }
 
 /// The emulation's binary16 rounding (round to nearest even) of `v`, as bits:
@@ -146,7 +155,6 @@ pub unsafe fn launch<P: KernelParams>(
     let name = CString::new(entry).map_err(|_| EmuError::Launch(format!("bad name {entry:?}")))?;
     let grid = [grid.0, grid.1, grid.2];
     let block = [block.0, block.1, block.2];
-    let pairs: Vec<u64> = regions.iter().flat_map(|r| [r.addr, r.len]).collect();
     let mut err = vec![0u8; ERROR_BYTES];
     // SAFETY: the pointers are valid for the call (the arrays above, the
     // params by reference); what the kernel does with the addresses inside
@@ -158,7 +166,7 @@ pub unsafe fn launch<P: KernelParams>(
             block.as_ptr(),
             (params as *const P).cast(),
             std::mem::size_of::<P>(),
-            pairs.as_ptr(),
+            regions.as_ptr().cast(),
             regions.len(),
             err.as_mut_ptr().cast(),
             err.len(),

@@ -275,3 +275,18 @@ pub fn elementwise_launch_dims(n: usize) -> (u32, u32) {
         .clamp(1, abi::MESWITCH_ELEMENTWISE_MAX_BLOCKS as usize);
     (blocks as u32, threads)
 }
+
+/// `MeswitchAttentionParams::sliding_window` for a model's window: the
+/// window, or `MESWITCH_NO_WINDOW` for none (and for a window wider than u32
+/// positions, which is no window at all).
+pub fn attention_window(sliding_window: Option<usize>) -> u32 {
+    sliding_window
+        .and_then(|w| u32::try_from(w).ok())
+        .unwrap_or(abi::MESWITCH_NO_WINDOW)
+}
+
+/// `MeswitchAttentionParams::scale`: 1/√head_dim, in f32 as the reference
+/// scales its scores.
+pub fn attention_scale(head_dim: usize) -> f32 {
+    1.0 / (head_dim as f32).sqrt()
+}

@@ -15,4 +15,4 @@ pub mod rope;
 pub use activation::swiglu;
 pub use attention::{attention, attention_window_start, for_each_head, AttnShape, HeadTask, Query};
 pub use norm::rms_norm;
-pub use rope::{rope, rope_angles, rope_inv_freq};
+pub use rope::{rope, rope_angles, rope_inv_freq, rope_tables};

@@ -24,6 +24,21 @@ pub fn rope_angles(pos: usize, inv_freq: &[f64]) -> (Vec<f32>, Vec<f32>) {
         .unzip()
 }
 
+/// The kernel's cos/sin tables for positions `0..max_positions`: each
+/// `[max_positions][head_dim / 2]`, row `pos` = [`rope_angles`]`(pos, ..)`.
+pub fn rope_tables(head_dim: usize, theta: f64, max_positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv_freq = rope_inv_freq(head_dim, theta);
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(max_positions * half);
+    let mut sin = Vec::with_capacity(max_positions * half);
+    for pos in 0..max_positions {
+        let (c, s) = rope_angles(pos, &inv_freq);
+        cos.extend(c);
+        sin.extend(s);
+    }
+    (cos, sin)
+}
+
 /// Rotates every head of one row (`[n_heads · head_dim]`) for position
 /// `pos`, Hugging Face "rotate_half" convention: the pair rotated together
 /// is (i, i + d/2), not (2i, 2i+1) as in the original paper and in
